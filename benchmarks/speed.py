@@ -1,0 +1,291 @@
+"""Speed benchmark: each bayesdl method against the plain-PyTorch loop it replaces.
+
+Run from the repository root::
+
+    python -m benchmarks.speed [--json] [--cases a,b] [--repeats N] [--quick]
+
+Every case builds a ``(method, baseline, info)`` triple; :func:`time_pair` times both with the
+same protocol (one warm-up call of each, then ``repeats`` interleaved calls ``A B A B ...`` so that
+machine noise hits both alike, medians of :func:`time.perf_counter` intervals), and the row
+reports ``ratio = seconds / baseline_seconds`` next to the target the issue set for it.
+
+``--quick`` shrinks every size so the test suite can run the script in seconds; its timings say
+nothing about the targets, and the output says it is quick.
+
+Cases
+-----
+``ensemble_train_small``
+    ``DeepEnsemble`` (5 members of a 13-50-2 Gaussian net) ``fit`` on 455 synthetic points,
+    batch 32, 40 epochs, against ``Deterministic.fit`` of one member with the same settings.
+``mc_dropout_predict_10k``
+    ``MCDropout.sample_outputs`` with 10,000 draws on 51 inputs of a 13-50-2 dropout net, against
+    a Python loop of 10,000 forward passes with dropout active.
+``mlp_predict_s100_<method>``
+    For every registered method except ``deterministic``: 100 draws on 1,000 inputs of a
+    784-400-400-10 dropout MLP, against 100 deterministic forward passes (the practical floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+import bayesdl as bdl
+
+__all__ = ["all_cases", "main", "time_pair"]
+
+Timed = Callable[[], object]
+CaseBuilder = Callable[[bool], tuple[Timed, Timed, dict]]
+
+DEFAULT_REPEATS = 5
+QUICK_REPEATS = 2
+SEED = 0
+
+
+# ----------------------------------------------------------------------------- timing
+def time_pair(method: Timed, baseline: Timed, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``method`` and of ``baseline`` over ``repeats`` interleaved calls.
+
+    One warm-up call of each comes first (untimed); then ``A B A B ...``. The garbage collector
+    runs before each call, outside the timed interval, so a collection triggered by one call's
+    garbage does not land in the other's time.
+    """
+    method()
+    baseline()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, out in zip((method, baseline), times, strict=True):
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+# ----------------------------------------------------------------------------- fixtures
+def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` under a fixed torch seed, without touching the global generator's state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _regression_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(13, 50), nn.ReLU(), nn.Linear(50, 2))
+
+
+def _regression_dropout_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(13, 50), nn.ReLU(), nn.Dropout(0.1), nn.Linear(50, 2))
+
+
+def _mlp(hidden: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(hidden, 10),
+    )
+
+
+def _regression_data(n: int, seed: int = SEED) -> tuple[Tensor, Tensor]:
+    """``n`` points of a noisy linear-plus-sine function of 13 standard-normal features."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 13, generator=g)
+    w = torch.randn(13, generator=g) / 13**0.5
+    y = x @ w + 0.5 * torch.sin(x[:, 0]) + 0.1 * torch.randn(n, generator=g)
+    return x, (y - y.mean()) / y.std()
+
+
+def _forward_loop(net: nn.Module, x: Tensor, n: int, *, train_mode: bool) -> Timed:
+    """``n`` forward passes of ``net`` in a Python loop, stacked to ``(n, B, K)`` like a method."""
+
+    def run() -> Tensor:
+        net.train(train_mode)
+        with torch.no_grad():
+            return torch.stack([net(x) for _ in range(n)])
+
+    return run
+
+
+# ----------------------------------------------------------------------------- cases
+def case_ensemble_train_small(quick: bool) -> tuple[Timed, Timed, dict]:
+    n_points, epochs, n_members = (64, 2, 5) if quick else (455, 40, 5)
+    x, y = _regression_data(n_points)
+    settings = dict(epochs=epochs, batch_size=32, lr=1e-3, seed=SEED, progress=False)
+
+    def method() -> None:
+        net = _seeded(SEED, _regression_net)
+        bdl.DeepEnsemble(net, "gaussian", n_members=n_members, seed=SEED).fit((x, y), **settings)
+
+    def baseline() -> None:
+        bdl.Deterministic(_seeded(SEED, _regression_net), "gaussian").fit((x, y), **settings)
+
+    info = {
+        "target": 1.5,
+        "baseline": "Deterministic.fit of one member (same net, data and settings)",
+        "n_members": n_members,
+        "n_points": n_points,
+        "epochs": epochs,
+        "batch_size": 32,
+    }
+    return method, baseline, info
+
+
+def case_mc_dropout_predict_10k(quick: bool) -> tuple[Timed, Timed, dict]:
+    n_samples, batch = (200, 51) if quick else (10_000, 51)
+    net = _seeded(SEED, _regression_dropout_net)
+    post = bdl.MCDropout(net, "gaussian")
+    x = torch.randn(batch, 13, generator=torch.Generator().manual_seed(SEED + 1))
+    generator = torch.Generator().manual_seed(SEED)
+
+    def method() -> Tensor:
+        with torch.no_grad():
+            return post.sample_outputs(x, n_samples, generator=generator)
+
+    info = {
+        "target": 0.2,
+        "baseline": f"loop of {n_samples} forward passes, net.train(), torch.no_grad()",
+        "n_samples": n_samples,
+        "batch": batch,
+    }
+    return method, _forward_loop(net, x, n_samples, train_mode=True), info
+
+
+# How to build each registered method for ``mlp_predict_s100_<method>`` given the net and S (the
+# constructor arguments); a registered method missing here is skipped with a note, so a new
+# method gets its row by adding one line.
+MLP_BUILDERS: dict[str, Callable[[nn.Module, int], bdl.Posterior]] = {
+    "mc_dropout": lambda net, s: bdl.MCDropout(net, "categorical"),
+    # S draws of an ensemble are its S members.
+    "deep_ensemble": lambda net, s: bdl.DeepEnsemble(net, "categorical", n_members=s, seed=SEED),
+}
+
+
+def _mlp_case(name: str) -> CaseBuilder:
+    def case(quick: bool) -> tuple[Timed, Timed, dict]:
+        n_samples, batch, hidden = (10, 50, 64) if quick else (100, 1000, 400)
+        post = MLP_BUILDERS[name](_seeded(SEED, lambda: _mlp(hidden)), n_samples)
+        floor_net = _seeded(SEED, lambda: _mlp(hidden))
+        x = torch.randn(batch, 784, generator=torch.Generator().manual_seed(SEED + 1))
+        generator = torch.Generator().manual_seed(SEED)
+
+        def method() -> Tensor:
+            with torch.no_grad():
+                return post.sample_outputs(x, n_samples, generator=generator)
+
+        info = {
+            "target": 1.15,
+            "baseline": f"loop of {n_samples} forward passes, net.eval(), torch.no_grad()",
+            "n_samples": n_samples,
+            "batch": batch,
+            "net": f"784-{hidden}-{hidden}-10",
+        }
+        return method, _forward_loop(floor_net, x, n_samples, train_mode=False), info
+
+    return case
+
+
+def all_cases() -> tuple[dict[str, CaseBuilder], list[str]]:
+    """Every case by name (the S-draw case once per registered method), and skip notes."""
+    cases: dict[str, CaseBuilder] = {
+        "ensemble_train_small": case_ensemble_train_small,
+        "mc_dropout_predict_10k": case_mc_dropout_predict_10k,
+    }
+    notes = []
+    for name in bdl.available_posteriors():
+        if name == "deterministic":
+            continue
+        if name in MLP_BUILDERS:
+            cases[f"mlp_predict_s100_{name}"] = _mlp_case(name)
+        else:
+            notes.append(
+                f"mlp_predict_s100_{name} skipped: no entry for {name!r} in "
+                "benchmarks.speed.MLP_BUILDERS (how to build it for S=100 draws)."
+            )
+    return cases, notes
+
+
+def run_case(name: str, build: CaseBuilder, quick: bool, repeats: int) -> dict:
+    method, baseline, info = build(quick)
+    seconds, base = time_pair(method, baseline, repeats)
+    row = {
+        "name": name,
+        "seconds": seconds,
+        "baseline_seconds": base,
+        "ratio": seconds / base,
+        **info,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "quick": quick,
+    }
+    row["met"] = row["ratio"] <= row["target"]
+    return row
+
+
+# ----------------------------------------------------------------------------- output
+def format_table(result: dict, notes: list[str], quick: bool) -> str:
+    head = f"bayesdl speed benchmark: torch {result['torch']}, {result['threads']} threads"
+    lines = [head]
+    if quick:
+        lines.append("QUICK mode: sizes shrunk for the test suite; ratios say nothing of targets.")
+    cols = f"{'case':<30} {'seconds':>10} {'baseline':>10} {'ratio':>7} {'target':>7}  status"
+    lines += [cols, "-" * len(cols)]
+    for r in result["cases"]:
+        lines.append(
+            f"{r['name']:<30} {r['seconds']:>10.4f} {r['baseline_seconds']:>10.4f} "
+            f"{r['ratio']:>7.3f} {r['target']:>7.2f}  {'ok' if r['met'] else 'MISSED'}"
+        )
+    lines += [f"note: {n}" for n in notes]
+    lines.append("baselines:")
+    lines += [f"  {r['name']}: {r['baseline']}" for r in result["cases"]]
+    return "\n".join(lines)
+
+
+def _parse(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--cases", help=f"comma-separated subset of: {', '.join(names)}")
+    parser.add_argument("--repeats", type=int, help="timed repeats of each side (default 5)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be a positive integer, got {args.repeats}.")
+    if args.cases is None:
+        args.cases = names
+    else:
+        args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = [c for c in args.cases if c not in names]
+        if unknown or not args.cases:
+            parser.error(f"unknown case(s) {unknown or args.cases}; choose from {names}.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print a table (or JSON) and return the JSON dict."""
+    cases, notes = all_cases()
+    args = _parse(argv, list(cases))
+    repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    rows = [run_case(name, cases[name], args.quick, repeats) for name in args.cases]
+    result = {"cases": rows, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.json:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result, notes, args.quick))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""bayesdl: Bayesian deep learning for any PyTorch module.
+
+>>> import torch.nn as nn, bayesdl as bdl
+>>> net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 3))
+>>> post = bdl.MCDropout(net, likelihood="categorical")
+>>> pred = post.predict(torch.randn(8, 4), n_samples=50)  # doctest: +SKIP
+>>> pred.probs.shape, pred.epistemic.shape                  # doctest: +SKIP
+"""
+
+from bayesdl.likelihoods import (
+    Categorical,
+    Gaussian,
+    HomoscedasticGaussian,
+    Likelihood,
+    get_likelihood,
+)
+from bayesdl.posteriors import (
+    DeepEnsemble,
+    Deterministic,
+    MCDropout,
+    Posterior,
+    available_posteriors,
+    get_posterior,
+)
+from bayesdl.predictions import ClassificationPrediction, Prediction, RegressionPrediction
+from bayesdl.training import History, TrainingDivergedError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Categorical",
+    "ClassificationPrediction",
+    "DeepEnsemble",
+    "Deterministic",
+    "Gaussian",
+    "History",
+    "HomoscedasticGaussian",
+    "Likelihood",
+    "MCDropout",
+    "Posterior",
+    "Prediction",
+    "RegressionPrediction",
+    "TrainingDivergedError",
+    "__version__",
+    "available_posteriors",
+    "get_likelihood",
+    "get_posterior",
+]

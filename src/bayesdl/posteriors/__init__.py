@@ -1,0 +1,23 @@
+"""Approximate posteriors, one module per method, all behind :class:`Posterior`."""
+
+from bayesdl.posteriors.base import (
+    Network,
+    Posterior,
+    available_posteriors,
+    get_posterior,
+    register,
+)
+from bayesdl.posteriors.deep_ensemble import DeepEnsemble
+from bayesdl.posteriors.deterministic import Deterministic
+from bayesdl.posteriors.mc_dropout import MCDropout
+
+__all__ = [
+    "DeepEnsemble",
+    "Deterministic",
+    "MCDropout",
+    "Network",
+    "Posterior",
+    "available_posteriors",
+    "get_posterior",
+    "register",
+]

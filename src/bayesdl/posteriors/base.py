@@ -1,0 +1,321 @@
+"""The contract every approximate posterior implements, and the registry that names them.
+
+A :class:`Posterior` wraps the user's ``nn.Module`` and a likelihood. Subclasses implement two
+hooks:
+
+* ``_sample_outputs(x, n_samples, generator) -> (S, B, K)``: the likelihood's natural
+  parameters (logits; mean and log-variance) under ``S`` parameter draws, computed in batched
+  kernels, never a Python loop of ``S`` forward passes;
+* ``_objective()``: what the shared fit loop (:mod:`bayesdl.training`) minimises.
+
+Everything at the boundary (input conversion and checks, ``n_samples``, the generator, output
+width, fitting, saving) lives here once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from bayesdl import training
+from bayesdl.data import TensorData, as_inputs, as_training_data
+from bayesdl.likelihoods import Likelihood, get_likelihood
+from bayesdl.predictions import ClassificationPrediction, RegressionPrediction
+
+__all__ = [
+    "Network",
+    "NetworkObjective",
+    "Posterior",
+    "available_posteriors",
+    "get_posterior",
+    "register",
+]
+
+_INPUT_SHAPE_KEY = "meta.input_shape"
+
+
+class Network(nn.Module):
+    """The user's module followed by the likelihood's link: ``x -> likelihood(model(x))``."""
+
+    def __init__(self, model: nn.Module, likelihood: Likelihood) -> None:
+        super().__init__()
+        self.model = model
+        self.likelihood = likelihood
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.likelihood(self.model(x))
+
+
+class NetworkObjective:
+    """Training objective of one network: mean NLL over the batch (plus nothing else).
+
+    The shared objective of the methods that train the user's network as it is (the point
+    estimate, MC dropout); ``loss`` is what the fit loop minimises.
+    """
+
+    n_orders = 1
+
+    def __init__(self, network: Network) -> None:
+        self.network = network
+
+    def parameters(self) -> list[Tensor]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+    def state(self) -> list[Tensor]:
+        return [*self.network.parameters(), *self.network.buffers()]
+
+    def train(self, mode: bool) -> None:
+        self.network.train(mode)
+
+    def loss(self, x: Tensor, y: Tensor, n_data: int) -> Tensor:
+        return self.network.likelihood.nll(self.network(x), y).mean()
+
+    def val_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.loss(x, y, len(x))
+
+
+class Posterior(ABC):
+    """An approximate posterior over the parameters of one user network.
+
+    Parameters
+    ----------
+    model:
+        The user's ``nn.Module``; batch-first inputs ``(B, ...)``, outputs ``(B, K)``.
+    likelihood:
+        A :class:`~bayesdl.likelihoods.Likelihood` or its name: ``"categorical"`` (logits),
+        ``"gaussian"`` (mean and log-variance outputs) or ``"homoscedastic_gaussian"``.
+    """
+
+    #: Registry key, e.g. ``"mc_dropout"``.
+    name: ClassVar[str]
+    #: Draws used when ``n_samples`` is ``None``.
+    default_n_samples: ClassVar[int] = 100
+
+    def __init__(self, model: nn.Module, likelihood: str | Likelihood = "categorical") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        ref = next(model.parameters(), None)
+        if ref is None:
+            raise ValueError("model has no parameters; there is nothing to put a posterior on.")
+        self.likelihood = get_likelihood(likelihood).to(device=ref.device, dtype=ref.dtype)
+        self.network = Network(model, self.likelihood)
+        #: Shape of one input example, recorded by ``fit`` and checked by ``predict``.
+        self.input_shape: tuple[int, ...] | None = None
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def model(self) -> nn.Module:
+        """The user's module."""
+        return self.network.model
+
+    @property
+    def _reference(self) -> Tensor:
+        return next(self.network.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._reference.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._reference.device
+
+    @property
+    def task(self) -> str:
+        """``"classification"`` or ``"regression"``, from the likelihood."""
+        return self.likelihood.task
+
+    # ----------------------------------------------------------------- hooks
+    @abstractmethod
+    def _sample_outputs(
+        self, x: Tensor, n_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        """Natural parameters under ``n_samples`` draws, ``(S, B, K)``; ``x`` is validated."""
+
+    @abstractmethod
+    def _objective(self) -> training.Objective:
+        """The objective the shared fit loop minimises."""
+
+    def _resolve_n_samples(self, n_samples: int | None) -> int:
+        if n_samples is None:
+            return self.default_n_samples
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
+        return n_samples
+
+    def _extra_state(self) -> dict[str, Tensor]:
+        """Tensors of the method's own state; by default the network's state dict."""
+        return {f"network.{k}": v for k, v in self.network.state_dict().items()}
+
+    def _load_extra_state(self, state: dict[str, Tensor]) -> None:
+        self.network.load_state_dict(
+            {k.removeprefix("network."): v for k, v in state.items()}, strict=True
+        )
+
+    # ----------------------------------------------------------------- the contract
+    def fit(self, data, *, val_data=None, **training_options) -> training.History:
+        """Train on ``data``: a pair ``(x, y)`` of tensors or numpy arrays, or a DataLoader.
+
+        Keyword arguments are those of :class:`bayesdl.training.TrainConfig` (``epochs``,
+        ``batch_size``, ``lr``, ``weight_decay``, ``optimizer``, ``val_fraction``,
+        ``patience``, ``seed``, ``progress``); ``val_data`` is an optional ``(x, y)`` pair.
+        Returns the :class:`~bayesdl.training.History`. If the loss diverges, a
+        :class:`~bayesdl.training.TrainingDivergedError` is raised and the posterior keeps the
+        weights of the last good epoch.
+        """
+        try:
+            config = training.TrainConfig(**training_options)
+        except TypeError as err:
+            known = ", ".join(training.TrainConfig.__dataclass_fields__)
+            raise TypeError(f"{err}; fit accepts {known} and val_data.") from None
+        train = self._training_data(data)
+        val = None if val_data is None else self._training_data(val_data)
+        if isinstance(train, TensorData):
+            self._record_input_shape(train.x)
+        if val is not None:
+            self._check_input_shape(val.x)
+        return training.fit(
+            self._objective(),
+            train,
+            config,
+            val=val,
+            prepare=self._prepare_batch,
+            device=self.device,
+        )
+
+    def sample_outputs(
+        self,
+        x,
+        n_samples: int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Network outputs (the likelihood's natural parameters) under ``S`` posterior draws.
+
+        Parameters
+        ----------
+        x:
+            Inputs ``(B, ...)``, tensor or numpy array.
+        n_samples:
+            Number of draws ``S``; ``None`` uses the method's default.
+        generator:
+            A ``torch.Generator`` on the model's device for reproducible draws.
+
+        Returns
+        -------
+        Tensor of shape ``(S, B, K)``.
+        """
+        x = as_inputs(x, dtype=self.dtype, device=self.device)
+        self._check_input_shape(x)
+        n = self._resolve_n_samples(n_samples)
+        self._check_generator(generator)
+        with torch.no_grad():
+            out = self._sample_outputs(x, n, generator)
+        self.likelihood.check_params(out)
+        return out
+
+    def predict(
+        self,
+        x,
+        n_samples: int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> ClassificationPrediction | RegressionPrediction:
+        """Predictive distribution at ``x`` from ``S`` draws (see :mod:`bayesdl.predictions`)."""
+        return self.likelihood.predictive(self.sample_outputs(x, n_samples, generator=generator))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Every tensor needed to rebuild this posterior on the same module (flat, tensors only)."""
+        state = dict(self._extra_state())
+        if self.input_shape is not None:
+            state[_INPUT_SHAPE_KEY] = torch.tensor(self.input_shape, dtype=torch.long)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load what :meth:`state_dict` returned (from a posterior built the same way)."""
+        state = dict(state)
+        shape = state.pop(_INPUT_SHAPE_KEY, None)
+        try:
+            self._load_extra_state(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"this state does not fit {type(self).__name__} on this model: {err}. Build the "
+                "posterior with the same module and options as the one that was saved."
+            ) from None
+        self.input_shape = None if shape is None else tuple(int(s) for s in shape)
+
+    # ----------------------------------------------------------------- boundary helpers
+    def _training_data(self, data):
+        return as_training_data(
+            data,
+            dtype=self.dtype,
+            device=self.device,
+            check_targets=self.likelihood.check_targets,
+        )
+
+    def _prepare_batch(self, batch) -> tuple[Tensor, Tensor]:
+        x = as_inputs(batch[0], dtype=self.dtype, device=self.device)
+        self._check_input_shape(x)
+        y = self.likelihood.check_targets(torch.as_tensor(batch[1]))
+        if len(y) != len(x):
+            raise ValueError(f"a batch has {len(x)} inputs but {len(y)} targets.")
+        return x, (y.to(self.dtype) if y.is_floating_point() else y).to(self.device)
+
+    def _record_input_shape(self, x: Tensor) -> None:
+        if self.input_shape is not None:
+            self._check_input_shape(x)
+        with torch.no_grad():
+            self.likelihood.check_params(
+                self._sample_outputs(x[:2], self._resolve_n_samples(None), None)
+            )
+        self.input_shape = tuple(x.shape[1:])
+
+    def _check_input_shape(self, x: Tensor) -> None:
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            n = self.input_shape[0] if len(self.input_shape) == 1 else self.input_shape
+            got = x.shape[1] if x.ndim == 2 else tuple(x.shape[1:])
+            raise ValueError(
+                f"x has the wrong number of features: the model was fitted on examples of shape "
+                f"{self.input_shape} ({n} features), got {tuple(x.shape[1:])} ({got}). Pass "
+                f"inputs of shape (B, {', '.join(map(str, self.input_shape))})."
+            )
+
+    def _check_generator(self, generator: torch.Generator | None) -> None:
+        if generator is None:
+            return
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
+        if generator.device.type != self.device.type:
+            raise ValueError(
+                f"the generator lives on {generator.device} but the model on {self.device}; "
+                f"create it with torch.Generator(device={str(self.device)!r})."
+            )
+
+
+_REGISTRY: dict[str, type[Posterior]] = {}
+
+
+def register(cls: type[Posterior]) -> type[Posterior]:
+    """Class decorator: make a posterior available by its ``name`` (CLI, benchmarks, tests)."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a posterior named {cls.name!r} is already registered.")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_posteriors() -> list[str]:
+    """Names of the registered posteriors."""
+    return sorted(_REGISTRY)
+
+
+def get_posterior(name: str) -> type[Posterior]:
+    """The posterior class registered under ``name`` (e.g. ``"mc_dropout"``)."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        choices = ", ".join(repr(n) for n in available_posteriors())
+        raise ValueError(f"unknown posterior {name!r}; choose one of {choices}.") from None
+

@@ -1,0 +1,199 @@
+"""Deep ensembles (Lakshminarayanan et al., 2017): ``M`` copies of the user's network with
+independent initialisations (and, by default, independent data orders), trained together.
+
+The members' parameters are stacked along a leading axis (``torch.func.stack_module_state``) and
+every forward pass is one ``torch.func.vmap`` of ``functional_call`` over that axis: the ``M``
+trainings run as one vectorised program, not ``M`` sequential ones. Adam is elementwise, so
+optimising the stacked leaves with the summed loss is exactly ``M`` independent trainings. The
+posterior is the uniform mixture over the members, so ``sample_outputs`` returns the ``M``
+members' outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from bayesdl.likelihoods import Likelihood
+from bayesdl.posteriors.base import Network, Posterior, register
+
+__all__ = ["DeepEnsemble"]
+
+
+def _reinitialize(network: Network, seed: int) -> None:
+    """Reset every submodule that knows how (``reset_parameters``), under ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in network.model.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+
+
+class _EnsembleObjective:
+    """Sum of the members' mean NLLs; the loop sees one loss per member, shape ``(M,)``."""
+
+    def __init__(self, ensemble: DeepEnsemble) -> None:
+        self.ensemble = ensemble
+        self.n_orders = ensemble.n_members if ensemble.independent_data_order else 1
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.ensemble._params.values())
+
+    def state(self) -> list[Tensor]:
+        return [*self.ensemble._params.values(), *self.ensemble._buffers.values()]
+
+    def train(self, mode: bool) -> None:
+        self.ensemble._base.train(mode)
+
+    def loss(self, x: Tensor, y: Tensor, n_data: int) -> Tensor:
+        per_member = 0 if self.n_orders > 1 else None
+        return self.ensemble._member_losses(x, y, per_member)
+
+    def val_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.ensemble._member_losses(x, y, None)
+
+
+@register
+class DeepEnsemble(Posterior):
+    """An ensemble of ``n_members`` independently initialised copies of ``model``.
+
+    Parameters
+    ----------
+    model:
+        The user's module. It is the template: its weights are not used unless
+        ``reinitialize=False`` (then every member starts from them and only the data order and
+        dropout differ), and it is not modified by training.
+    likelihood:
+        See :class:`~bayesdl.posteriors.base.Posterior`.
+    n_members:
+        Ensemble size ``M`` (default 5).
+    independent_data_order:
+        Each member sees its own shuffling of the training data (default ``True``).
+    reinitialize:
+        Re-draw each member's weights with the layers' ``reset_parameters`` (default ``True``).
+    seed:
+        Seed of the initialisations (member ``m`` uses ``seed + m``); ``None`` draws one from
+        torch's global generator.
+
+    ``sample_outputs(x)`` returns the members' outputs, ``(M, B, K)``; ``n_samples`` must be
+    ``None`` or ``M``, since the ensemble is represented exactly by its members.
+    """
+
+    name = "deep_ensemble"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood = "categorical",
+        *,
+        n_members: int = 5,
+        independent_data_order: bool = True,
+        reinitialize: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(model, likelihood)
+        if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 1:
+            raise ValueError(f"n_members must be a positive integer, got {n_members!r}.")
+        self.n_members = n_members
+        self.independent_data_order = bool(independent_data_order)
+        if seed is None:
+            seed = int(torch.randint(2**31, ()).item())
+        members = []
+        for m in range(n_members):
+            member = copy.deepcopy(self.network)
+            if reinitialize:
+                _reinitialize(member, seed + m)
+            members.append(member)
+        params, buffers = stack_module_state(members)
+        self._params: dict[str, Tensor] = params
+        self._buffers: dict[str, Tensor] = buffers
+        self._base = copy.deepcopy(self.network).to("meta")
+        self._names = (*params, *buffers)
+        self._vmapped: dict[int | None, object] = {}
+        if reinitialize and n_members > 1:
+            self._warn_shared_parameters()
+
+    @property
+    def default_n_samples(self) -> int:  # type: ignore[override]
+        return self.n_members
+
+    def _warn_shared_parameters(self) -> None:
+        same = [
+            name
+            for name, p in self._params.items()
+            if name.startswith("model.") and bool((p == p[:1]).all())
+        ]
+        if same:
+            warnings.warn(
+                f"these parameters start equal in every member because their module has no "
+                f"reset_parameters(): {same}. Give the module a reset_parameters() method so "
+                "the members are initialised independently.",
+                stacklevel=3,
+            )
+
+    def _resolve_n_samples(self, n_samples: int | None) -> int:
+        if n_samples is not None and n_samples != self.n_members:
+            raise ValueError(
+                f"a DeepEnsemble returns exactly one draw per member ({self.n_members}); "
+                f"got n_samples={n_samples!r}. Pass n_samples=None or {self.n_members}."
+            )
+        return self.n_members
+
+    # The stacked tensors travel through vmap as flat tuples (cheaper to flatten than dicts)
+    # and are named again inside; weights are not tied across members, so tie_weights=False.
+    def _forward(self, tensors: tuple[Tensor, ...], x: Tensor) -> Tensor:
+        named = dict(zip(self._names, tensors, strict=True))
+        return functional_call(self._base, named, (x,), tie_weights=False)
+
+    def _stacked(self) -> tuple[Tensor, ...]:
+        return (*self._params.values(), *self._buffers.values())
+
+    def _member_outputs(self, x: Tensor, data_dim: int | None) -> Tensor:
+        """Outputs of every member, ``(M, B, K)``; ``x`` is ``(B, ...)`` or ``(M, B, ...)``."""
+        if data_dim not in self._vmapped:
+            self._vmapped[data_dim] = vmap(
+                self._forward, in_dims=(0, data_dim), randomness="different"
+            )
+        return self._vmapped[data_dim](self._stacked(), x)
+
+    def _member_losses(self, x: Tensor, y: Tensor, data_dim: int | None) -> Tensor:
+        # Only the network runs under vmap; the likelihood broadcasts over the member axis.
+        return self.likelihood.nll(self._member_outputs(x, data_dim), y).mean(-1)
+
+    def _objective(self) -> _EnsembleObjective:
+        return _EnsembleObjective(self)
+
+    def _sample_outputs(
+        self, x: Tensor, n_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        was_training = self._base.training
+        self._base.eval()
+        try:
+            return self._member_outputs(x, None)
+        finally:
+            self._base.train(was_training)
+
+    def _extra_state(self) -> dict[str, Tensor]:
+        return {
+            **{f"members.params.{k}": v.detach() for k, v in self._params.items()},
+            **{f"members.buffers.{k}": v for k, v in self._buffers.items()},
+        }
+
+    def _load_extra_state(self, state: dict[str, Tensor]) -> None:
+        own = self._extra_state()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {missing}, unexpected keys {unexpected}")
+        for key, target in own.items():
+            if state[key].shape != target.shape:
+                raise RuntimeError(
+                    f"{key} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}"
+                )
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(state[key])

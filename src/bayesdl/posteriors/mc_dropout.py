@@ -1,0 +1,205 @@
+"""Monte Carlo dropout (Gal & Ghahramani, 2016): the dropout layers of the user's module stay
+stochastic at prediction time, and each draw of their masks is a draw from the posterior.
+
+Only the dropout layers are stochastic: the module is put in eval mode (BatchNorm uses its running
+statistics) and the masks are applied by forward hooks on the module's own ``nn.Dropout`` /
+``nn.Dropout1d/2d/3d`` layers, so no layer is re-implemented.
+
+All ``S`` draws run in one forward pass. By default the draws are expanded lazily: the network
+runs once on the batch ``(B, ...)`` up to the first dropout layer, where its input is repeated to
+``(S * B, ...)`` and masked, so the work before the first dropout layer, identical in every draw,
+is done once. Models where that is not possible (a skip connection around a dropout layer that
+mixes the two shapes, code that keeps the batch size) fail loudly and are then run with the input
+itself repeated ``S`` times (``expand="input"`` forces this).
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+
+from bayesdl.likelihoods import Likelihood
+from bayesdl.posteriors.base import NetworkObjective, Posterior, register
+
+__all__ = ["Expand", "MCDropout"]
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_UNSUPPORTED = (nn.AlphaDropout, nn.FeatureAlphaDropout)
+# Rows (S * B) per chunk when the caller does not say: bounds the activations kept at once.
+_DEFAULT_CHUNK_ROWS = 2**19
+
+
+class Expand(str, Enum):
+    """Where the ``S`` draws are expanded out of the batch."""
+
+    #: At the first dropout layer, falling back to ``INPUT`` if the model cannot take it.
+    AUTO = "auto"
+    #: Repeat the input ``S`` times before the first layer (always works, more work).
+    INPUT = "input"
+
+
+def keep_mask(shape: tuple[int, ...], p: float, generator, device: torch.device) -> Tensor:
+    """Boolean mask of independent Bernoulli(1 - p) draws (True = keep), of ``shape``.
+
+    On the CPU the bits come from 64-bit random integers cut into four 16-bit lanes (a quarter of
+    the generator calls of ``torch.rand``), so ``p`` is applied at a resolution of 2^-16; the
+    caller rescales by the matching keep probability (:func:`keep_probability`), so the masked
+    activations stay unbiased. On other devices ``torch.rand`` is used.
+    """
+    numel = math.prod(shape)
+    if device.type != "cpu":
+        return torch.rand(shape, generator=generator, device=device) >= p
+    words = torch.randint(
+        -(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, generator=generator
+    )
+    lanes = words.view(torch.int16)[:numel].view(shape)
+    return lanes >= _threshold(p)
+
+
+def _threshold(p: float) -> int:
+    return round(p * 65536) - 32768
+
+
+def keep_probability(p: float, device: torch.device) -> float:
+    """The exact keep probability that :func:`keep_mask` realises for drop probability ``p``."""
+    if device.type != "cpu":
+        return 1.0 - p
+    return (32768 - _threshold(p)) / 65536
+
+
+class _Sampler:
+    """Forward hooks on the dropout layers that draw ``S`` masks per call."""
+
+    def __init__(self, n_samples: int, batch: int, lazy: bool, generator) -> None:
+        self.n_samples, self.batch, self.lazy, self.generator = n_samples, batch, lazy, generator
+        self.expanded = not lazy
+
+    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        h = inputs[0]
+        s, b = self.n_samples, self.batch
+        if self.lazy and h.shape[0] == b and not (self.expanded and s == 1):
+            h = h.unsqueeze(0).expand(s, *h.shape).reshape(s * b, *h.shape[1:])
+            self.expanded = True
+        elif h.shape[0] != s * b:
+            raise _ExpandError(
+                f"a dropout layer saw a tensor with leading size {h.shape[0]}, expected the batch "
+                f"{b} or the expanded batch {s * b}"
+            )
+        p = float(module.p)
+        if p == 0.0:
+            return h
+        if isinstance(module, nn.Dropout):
+            shape = tuple(h.shape)
+        else:  # channel dropout: one mask entry per (row, channel)
+            shape = (h.shape[0], h.shape[1], *([1] * (h.ndim - 2)))
+        keep = keep_mask(shape, p, self.generator, h.device)
+        return torch.where(keep, h / keep_probability(p, h.device), 0.0)
+
+
+class _ExpandError(RuntimeError):
+    pass
+
+
+@register
+class MCDropout(Posterior):
+    """MC dropout over the dropout layers of ``model``.
+
+    Parameters
+    ----------
+    model:
+        The user's module; it must contain at least one ``nn.Dropout`` (or ``Dropout1d/2d/3d``)
+        layer with ``p > 0``. Their ``p`` is the dropout rate at training and at prediction.
+    likelihood:
+        See :class:`~bayesdl.posteriors.base.Posterior`.
+    expand:
+        ``"auto"`` (default) or ``"input"``: see :class:`Expand`.
+    chunk_size:
+        Draws per forward pass; ``None`` picks chunks of about 2^19 rows (``S_chunk * B``).
+
+    ``sample_outputs(x, n_samples)`` returns ``(S, B, K)``; draws are reproducible with a
+    ``generator``. ``fit`` trains the module with dropout on, like any dropout network.
+    """
+
+    name = "mc_dropout"
+    default_n_samples = 100
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood = "categorical",
+        *,
+        expand: Expand | str = Expand.AUTO,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(model, likelihood)
+        unsupported = [n for n, m in model.named_modules() if isinstance(m, _UNSUPPORTED)]
+        if unsupported:
+            raise ValueError(
+                f"MCDropout does not support alpha dropout (layers {unsupported}); use "
+                "nn.Dropout or nn.Dropout1d/2d/3d."
+            )
+        self.dropout_layers = {
+            n: m for n, m in model.named_modules() if isinstance(m, _DROPOUT) and m.p > 0
+        }
+        if not self.dropout_layers:
+            raise ValueError(
+                f"MCDropout needs a model with dropout layers (nn.Dropout, nn.Dropout1d/2d/3d "
+                f"with p > 0), but {type(model).__name__} has none. Add e.g. nn.Dropout(0.1) "
+                "after the hidden activations, or use DeepEnsemble or another posterior."
+            )
+        try:
+            self.expand = Expand(expand)
+        except ValueError:
+            choices = ", ".join(repr(e.value) for e in Expand)
+            raise ValueError(f"unknown expand {expand!r}; choose one of {choices}.") from None
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}.")
+        self.chunk_size = chunk_size
+
+    def _objective(self) -> NetworkObjective:
+        return NetworkObjective(self.network)
+
+    def _sample_outputs(
+        self, x: Tensor, n_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        b = x.shape[0]
+        chunk = self.chunk_size or max(1, _DEFAULT_CHUNK_ROWS // b)
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            parts = [
+                self._draw(x, min(chunk, n_samples - start), generator)
+                for start in range(0, n_samples, chunk)
+            ]
+        finally:
+            self.network.train(was_training)
+        return torch.cat(parts, dim=0)
+
+    def _draw(self, x: Tensor, s: int, generator) -> Tensor:
+        b = x.shape[0]
+        if self.expand is Expand.AUTO:
+            try:
+                return self._run(x, s, b, lazy=True, generator=generator)
+            except RuntimeError:  # includes _ExpandError
+                pass
+        xs = x.unsqueeze(0).expand(s, *x.shape).reshape(s * b, *x.shape[1:])
+        out = self._run(xs, s, b, lazy=False, generator=generator)
+        self.expand = Expand.INPUT  # it worked where AUTO did not: remember for this model
+        return out
+
+    def _run(self, x: Tensor, s: int, b: int, *, lazy: bool, generator) -> Tensor:
+        sampler = _Sampler(s, b, lazy, generator)
+        handles = [m.register_forward_hook(sampler) for m in self.dropout_layers.values()]
+        try:
+            out = self.network(x)
+        finally:
+            for h in handles:
+                h.remove()
+        if out.shape[0] == b and not sampler.expanded:  # no dropout layer was reached
+            out = out.unsqueeze(0).expand(s, *out.shape).reshape(s * b, *out.shape[1:])
+        if out.shape[0] != s * b:
+            raise _ExpandError(f"output has leading size {out.shape[0]}, expected {s * b}")
+        return out.reshape(s, b, *out.shape[1:])

@@ -1,0 +1,350 @@
+"""The one fit loop every trainable posterior uses.
+
+A method supplies an :class:`Objective` (its parameters, its loss on a batch, its validation
+loss); this module does everything else: batching (tensors or a DataLoader), the optimiser,
+epochs, a validation split with early stopping, a progress bar when stderr is a terminal, seeds,
+and a guard that stops on a NaN or infinite loss, restores the last good weights and names the
+epoch.
+
+Stacked objectives (a deep ensemble trains ``K`` members as one program) return a loss per
+member, shape ``(K,)``; the loop minimises their sum (the members' gradients stay independent)
+and, with a validation set, keeps the best epoch of each member separately.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from bayesdl.data import TensorData
+
+__all__ = [
+    "History",
+    "Objective",
+    "OptimizerName",
+    "TrainConfig",
+    "TrainingDivergedError",
+    "fit",
+]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the model holds the weights of the last good epoch."""
+
+    def __init__(self, epoch: int, last_good_epoch: int) -> None:
+        self.epoch = epoch
+        self.last_good_epoch = last_good_epoch
+        super().__init__(
+            f"training diverged in epoch {epoch}: the loss or the weights became NaN or "
+            f"infinite. The weights of epoch {last_good_epoch} (the last good one"
+            f"{'; 0 means the initial weights' if last_good_epoch == 0 else ''}) were restored. "
+            "Lower the learning rate, standardise inputs and targets, or add weight decay."
+        )
+
+
+class OptimizerName(str, Enum):
+    """Optimisers the loop can build by name."""
+
+    #: Adam (the default); ``weight_decay`` is L2 added to the gradient.
+    ADAM = "adam"
+    #: AdamW, decoupled weight decay.
+    ADAMW = "adamw"
+    #: Plain SGD with momentum 0.9.
+    SGD = "sgd"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the fit loop; every posterior's ``fit(**training)`` accepts these names.
+
+    Attributes
+    ----------
+    epochs: passes over the training data.
+    batch_size: examples per step (ignored for a DataLoader, which batches itself).
+    lr: learning rate. weight_decay: L2 strength (see :class:`OptimizerName`).
+    optimizer: name of the optimiser.
+    val_fraction: fraction of the training tensors held out for validation (0: none).
+    val_data: an explicit validation pair ``(x, y)`` instead of a split.
+    patience: stop after this many epochs without validation improvement (``None``: run all
+        epochs, still restoring the best validation epoch when there is validation data).
+    seed: seeds the data order, the split, dropout and initialisation noise during training.
+    progress: show a progress bar; ``None`` shows one only when stderr is a terminal.
+    """
+
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: OptimizerName | str = OptimizerName.ADAM
+    val_fraction: float = 0.0
+    val_data: object = None
+    patience: int | None = None
+    seed: int | None = None
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name, want):
+            return ValueError(f"{name} must be {want}, got {getattr(self, name)!r}.")
+
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise bad("epochs", "a positive integer")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise bad("batch_size", "a positive integer")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise bad("lr", "a positive finite number")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise bad("weight_decay", "a number >= 0")
+        if not (isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1):
+            raise bad("val_fraction", "a number in [0, 1)")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise bad("patience", "None or a positive integer")
+        try:
+            self.optimizer = OptimizerName(self.optimizer)
+        except ValueError:
+            choices = ", ".join(repr(o.value) for o in OptimizerName)
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; choose one of {choices}."
+            ) from None
+
+
+@dataclass
+class History:
+    """What happened during ``fit``: mean training loss (and validation loss) per epoch."""
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.train_loss)
+
+
+class Objective(Protocol):
+    """What a method supplies to the loop.
+
+    ``n_orders`` is 1 for one model; a stacked objective with ``K`` members that wants each
+    member to see its own data order sets it to ``K`` and then receives batches of inputs
+    ``(K, b, ...)`` and targets ``(K, b, ...)``.
+    """
+
+    n_orders: int
+
+    def parameters(self) -> list[Tensor]:
+        """Leaf tensors to optimise."""
+
+    def state(self) -> list[Tensor]:
+        """Every tensor that defines the model (parameters and buffers), for snapshots."""
+
+    def train(self, mode: bool) -> None:
+        """Switch the underlying modules between training and evaluation mode."""
+
+    def loss(self, x: Tensor, y: Tensor, n_data: int) -> Tensor:
+        """Training loss on a batch: a scalar, or one per member ``(K,)``."""
+
+    def val_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """Mean validation loss: a scalar, or one per member ``(K,)``."""
+
+
+def _make_optimizer(params: list[Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer is OptimizerName.ADAM:
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer is OptimizerName.ADAMW:
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+
+
+def _tensor_batches(
+    data: TensorData, batch_size: int, n_orders: int, generator: torch.Generator
+) -> Iterator[tuple[Tensor, Tensor]]:
+    n = len(data)
+    if n_orders == 1:
+        order = torch.randperm(n, generator=generator).to(data.x.device)
+    else:  # one independent permutation per member, drawn in one call
+        order = torch.rand(n_orders, n, generator=generator).argsort(dim=1).to(data.x.device)
+    for start in range(0, n, batch_size):
+        idx = order[..., start : start + batch_size]
+        yield data.x[idx], data.y[idx]
+
+
+def _loader_batches(loader: DataLoader, n_orders: int, prepare) -> Iterator[tuple[Tensor, Tensor]]:
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(
+                "the DataLoader must yield (x, y) pairs; got "
+                f"{type(batch).__name__}" + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
+            )
+        x, y = prepare(batch)
+        if n_orders > 1:  # a loader fixes one order; every member sees it
+            x = x.expand(n_orders, *x.shape)
+            y = y.expand(n_orders, *y.shape)
+        yield x, y
+
+
+def _split(data: TensorData, fraction: float, generator: torch.Generator):
+    n = len(data)
+    n_val = round(fraction * n)
+    if n_val < 1 or n_val >= n:
+        raise ValueError(
+            f"val_fraction={fraction} of {n} examples leaves {n_val} for validation and "
+            f"{n - n_val} for training; both need at least one. Use a different fraction."
+        )
+    perm = torch.randperm(n, generator=generator).to(data.x.device)
+    return data.subset(perm[n_val:]), data.subset(perm[:n_val])
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def _copy_into(dst: list[Tensor], src: list[Tensor], mask: Tensor | None = None) -> None:
+    with torch.no_grad():
+        for d, s in zip(dst, src, strict=True):
+            if mask is None:
+                d.copy_(s)
+            else:  # per-member: take src where mask, keep dst elsewhere
+                m = mask.reshape(-1, *([1] * (d.ndim - 1)))
+                d.copy_(torch.where(m, s, d))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def _progress(total: int, enabled: bool | None):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="epoch", leave=False)
+
+
+def fit(
+    objective: Objective,
+    train: TensorData | DataLoader,
+    config: TrainConfig,
+    *,
+    val: TensorData | None = None,
+    prepare=None,
+    device: torch.device | None = None,
+) -> History:
+    """Run the loop. ``prepare`` checks and moves DataLoader batches; ``val`` is validation data.
+
+    Returns a :class:`History`. With validation data, the weights of the best validation epoch
+    (of each member, for stacked objectives) are restored at the end.
+    """
+    device = device or torch.device("cpu")
+    generator = torch.Generator()
+    generator.manual_seed(
+        config.seed if config.seed is not None else int(torch.randint(2**62, ()).item())
+    )
+    if isinstance(train, TensorData) and len(train) == 0:
+        raise ValueError("the training data is empty; pass at least one example.")
+    if val is None and config.val_fraction > 0:
+        if not isinstance(train, TensorData):
+            raise ValueError(
+                "val_fraction needs training data as tensors; for a DataLoader pass "
+                "val_data=(x_val, y_val) instead."
+            )
+        train, val = _split(train, config.val_fraction, generator)
+    n_data = len(train) if isinstance(train, TensorData) else len(train.dataset)
+
+    params = objective.parameters()
+    state = objective.state()
+    optimizer = _make_optimizer(params, config)
+    history = History()
+    # Two snapshots guard against divergence: `verified` holds weights whose loss was seen to be
+    # finite, `candidate` the weights at the start of this epoch (verified by its first batch).
+    verified = [t.detach().clone() for t in state]
+    candidate = [t.detach().clone() for t in state]
+    verified_epoch = 0
+    best = best_loss = None
+    since_best = 0
+    bar = _progress(config.epochs, config.progress)
+
+    def diverged(epoch: int, restore: list[Tensor], good_epoch: int) -> TrainingDivergedError:
+        _copy_into(state, restore)
+        if bar is not None:
+            bar.close()
+        objective.train(False)
+        return TrainingDivergedError(epoch, good_epoch)
+
+    with _seeded(config.seed, device):
+        for epoch in range(1, config.epochs + 1):
+            objective.train(True)
+            _copy_into(candidate, state)
+            batches = (
+                _tensor_batches(train, config.batch_size, objective.n_orders, generator)
+                if isinstance(train, TensorData)
+                else _loader_batches(train, objective.n_orders, prepare)
+            )
+            total, count, first = 0.0, 0, True
+            for xb, yb in batches:
+                optimizer.zero_grad(set_to_none=True)
+                loss = objective.loss(xb, yb, n_data)
+                if first:  # one check per epoch: are this epoch's starting weights good?
+                    if not bool(torch.isfinite(loss).all()):
+                        raise diverged(epoch, verified, verified_epoch)
+                    first = False
+                loss.sum().backward()
+                optimizer.step()
+                rows = yb.shape[1] if objective.n_orders > 1 else len(yb)
+                total = total + loss.detach().mean() * rows
+                count += rows
+            epoch_loss = float(total) / max(count, 1)
+            if not math.isfinite(epoch_loss) or not _all_finite(state):
+                raise diverged(epoch, candidate, epoch - 1)
+            verified, candidate, verified_epoch = candidate, verified, epoch - 1
+            history.train_loss.append(epoch_loss)
+
+            if val is not None:
+                objective.train(False)
+                with torch.no_grad():
+                    vl = objective.val_loss(val.x, val.y).detach()
+                history.val_loss.append(float(vl.mean()))
+                if best is None:
+                    best, best_loss = [t.detach().clone() for t in state], vl.clone()
+                    improved = torch.ones_like(vl, dtype=torch.bool)
+                    history.best_epoch = epoch
+                else:
+                    improved = vl < best_loss
+                    if vl.ndim == 0:
+                        if improved:
+                            _copy_into(best, state)
+                    else:
+                        _copy_into(best, state, improved)
+                    best_loss = torch.where(improved, vl, best_loss)
+                    if bool(improved.any()):
+                        history.best_epoch = epoch
+                since_best = 0 if bool(improved.any()) else since_best + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{epoch_loss:.4g}")
+            if config.patience is not None and val is not None and since_best >= config.patience:
+                history.stopped_early = True
+                break
+    if bar is not None:
+        bar.close()
+    if best is not None:
+        _copy_into(state, best)
+    objective.train(False)
+    return history

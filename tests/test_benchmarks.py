@@ -1,0 +1,89 @@
+"""The speed benchmark runs end to end with tiny sizes and reports what the issue asks for."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bayesdl as bdl
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a package at the repo root, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import speed  # noqa: E402
+
+ISSUE_CASES = {"ensemble_train_small", "mc_dropout_predict_10k"} | {
+    f"mlp_predict_s100_{name}"
+    for name in bdl.available_posteriors()
+    if name != "deterministic" and name in speed.MLP_BUILDERS
+}
+
+
+@pytest.fixture(scope="module")
+def quick_json() -> dict:
+    """``python -m benchmarks.speed --quick --json`` from the repo root, as a user runs it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", "--quick", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_json_structure(quick_json):
+    assert set(quick_json) == {"cases", "torch", "threads"}
+    assert isinstance(quick_json["torch"], str)
+    assert isinstance(quick_json["threads"], int) and quick_json["threads"] >= 1
+    names = [row["name"] for row in quick_json["cases"]]
+    assert len(names) == len(set(names))
+    assert set(names) == ISSUE_CASES
+
+
+def test_rows_are_consistent(quick_json):
+    for row in quick_json["cases"]:
+        for key in ("seconds", "baseline_seconds", "ratio", "target"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, row
+        assert row["ratio"] == pytest.approx(row["seconds"] / row["baseline_seconds"], rel=1e-12)
+        assert row["met"] == (row["ratio"] <= row["target"])
+        assert row["quick"] is True  # quick output says it is quick
+        assert isinstance(row["baseline"], str) and row["baseline"]
+
+
+def test_targets_are_the_issues():
+    cases, _ = speed.all_cases()
+    want = {"ensemble_train_small": 1.5, "mc_dropout_predict_10k": 0.2}
+    for name, build in cases.items():
+        info = build(True)[2]
+        assert info["target"] == want.get(name, 1.15), name
+
+
+def test_main_in_process_selects_cases_and_prints_a_table(capsys):
+    result = speed.main(["--quick", "--cases", "mc_dropout_predict_10k", "--repeats", "1"])
+    assert [row["name"] for row in result["cases"]] == ["mc_dropout_predict_10k"]
+    assert result["cases"][0]["repeats"] == 1
+    out = capsys.readouterr().out
+    assert "QUICK" in out and "mc_dropout_predict_10k" in out
+    assert ("ok" in out) or ("MISSED" in out)
+
+
+def test_unknown_case_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        speed.main(["--quick", "--cases", "no_such_case"])
+    assert "no_such_case" in capsys.readouterr().err
+
+
+def test_time_pair_interleaves_after_one_warm_up():
+    calls = []
+    seconds, base = speed.time_pair(lambda: calls.append("A"), lambda: calls.append("B"), 3)
+    assert calls == ["A", "B"] * 4
+    assert seconds >= 0 and base >= 0
