@@ -9,10 +9,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_posterior, mlp
 from torch import nn
 
 import bayesdl as bdl
+from conftest import make_posterior, mlp
 
 S = 4
 
@@ -140,7 +140,9 @@ def test_bad_input(method, classification_data, regression_data):
     with pytest.raises(TypeError, match="Tensor or numpy"):
         post.predict("not data")
     with pytest.raises(ValueError, match="NaN or inf"):
-        make_posterior(method, mlp()).fit((x, y.float().index_fill(0, torch.tensor([3]), float("nan"))))
+        make_posterior(method, mlp()).fit(
+            (x, y.float().index_fill(0, torch.tensor([3]), float("nan")))
+        )
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         make_posterior(method, mlp(), bdl.Categorical(3)).fit((x, y + 1), epochs=1)
     with pytest.raises(ValueError, match="same number of rows"):

@@ -12,7 +12,6 @@ from scipy import stats
 from bayesdl.predictions import ClassificationPrediction, RegressionPrediction
 
 
-
 def _cls(probs) -> ClassificationPrediction:
     return ClassificationPrediction(torch.as_tensor(probs, dtype=torch.float64).log())
 
@@ -20,7 +19,9 @@ def _cls(probs) -> ClassificationPrediction:
 def test_agreeing_draws_have_zero_epistemic():
     p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=torch.float64)
     pred = _cls(p.expand(6, 2, 3))
-    torch.testing.assert_close(pred.epistemic, torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        pred.epistemic, torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0
+    )
     torch.testing.assert_close(pred.total, pred.aleatoric)
     torch.testing.assert_close(pred.probs, p)
 
@@ -137,8 +138,11 @@ def test_regression_log_prob_matches_scipy_mixture():
     pred = _reg(means, variances)
     dens = stats.norm.pdf(y.numpy(), means.numpy(), variances.sqrt().numpy()).mean(0)
     np.testing.assert_allclose(pred.log_prob(y).numpy(), np.log(dens), rtol=1e-10)
-    np.testing.assert_allclose(pred.cdf(y).numpy(), stats.norm.cdf(
-        y.numpy(), means.numpy(), variances.sqrt().numpy()).mean(0), rtol=1e-10)
+    np.testing.assert_allclose(
+        pred.cdf(y).numpy(),
+        stats.norm.cdf(y.numpy(), means.numpy(), variances.sqrt().numpy()).mean(0),
+        rtol=1e-10,
+    )
 
 
 def test_multi_target_log_prob_sums_coordinates_within_a_draw():

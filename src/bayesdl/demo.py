@@ -73,15 +73,11 @@ def _evaluate(
         "nll": float(metrics.nll(pred_in.probs, y)),
         "ece": float(metrics.ece(pred_in.probs, y, n_bins=15)),
         # OOD is the positive class and a higher score means "more likely OOD".
-        "ood_auroc_confidence": float(
-            metrics.ood_auroc(-pred_in.confidence, -pred_out.confidence)
-        ),
+        "ood_auroc_confidence": float(metrics.ood_auroc(-pred_in.confidence, -pred_out.confidence)),
         "ood_auroc_epistemic": (
             float(metrics.ood_auroc(pred_in.epistemic, pred_out.epistemic)) if bayesian else None
         ),
-        "accuracy_at_80_coverage": float(
-            metrics.accuracy_at_coverage(pred_in.total, correct, 0.8)
-        ),
+        "accuracy_at_80_coverage": float(metrics.accuracy_at_coverage(pred_in.total, correct, 0.8)),
     }
 
 
@@ -147,7 +143,8 @@ def format_table(result: dict) -> str:
 
     def line(cells):
         return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
 
     intro = (
@@ -156,7 +153,9 @@ def format_table(result: dict) -> str:
         "AUROC: separating unseen digits 5-9 from 0-4 by low confidence / high mutual "
         "information. acc@80%cov: accuracy after referring the 20% most uncertain.\n"
     )
-    return intro + "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    return intro + "\n".join(
+        [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    )
 
 
 def result_json(result: dict) -> str:

@@ -105,8 +105,8 @@ class Categorical(Likelihood):
         if params.ndim < 2 or (self.n_classes is not None and params.shape[-1] != self.n_classes):
             raise ValueError(
                 f"Categorical expects logits of shape (B, {self.n_classes or 'C'}), but the "
-                f"network returned {tuple(params.shape[-2:])}. Make the last layer output one logit "
-                "per class."
+                f"network returned {tuple(params.shape[-2:])}. Make the last layer output one "
+                "logit per class."
             )
 
     def nll(self, params: Tensor, y: Tensor) -> Tensor:

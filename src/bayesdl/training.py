@@ -182,7 +182,8 @@ def _loader_batches(loader: DataLoader, n_orders: int, prepare) -> Iterator[tupl
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError(
                 "the DataLoader must yield (x, y) pairs; got "
-                f"{type(batch).__name__}" + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
+                f"{type(batch).__name__}"
+                + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
             )
         x, y = prepare(batch)
         if n_orders > 1:  # a loader fixes one order; every member sees it

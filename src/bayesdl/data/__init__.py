@@ -89,11 +89,12 @@ def as_training_data(data, *, dtype, device, check_targets) -> TensorData | Data
             + "."
         )
     x = as_inputs(data[0], dtype=dtype, device=device)
-    y = check_targets(torch.as_tensor(np.asarray(data[1]) if isinstance(data[1], list) else data[1]))
+    y = check_targets(
+        torch.as_tensor(np.asarray(data[1]) if isinstance(data[1], list) else data[1])
+    )
     if len(y) != len(x):
         raise ValueError(
-            f"x and y must have the same number of rows, got {len(x)} inputs and {len(y)} "
-            "targets."
+            f"x and y must have the same number of rows, got {len(x)} inputs and {len(y)} targets."
         )
     if y.is_floating_point():
         y = y.to(dtype)

@@ -318,4 +318,3 @@ def get_posterior(name: str) -> type[Posterior]:
     except (KeyError, TypeError):
         choices = ", ".join(repr(n) for n in available_posteriors())
         raise ValueError(f"unknown posterior {name!r}; choose one of {choices}.") from None
-

@@ -123,10 +123,17 @@ class DeepEnsemble(Posterior):
         return self.n_members
 
     def _warn_shared_parameters(self) -> None:
+        resettable = {
+            f"model.{n}" if n else "model"
+            for n, m in self.model.named_modules()
+            if callable(getattr(m, "reset_parameters", None))
+        }
         same = [
             name
             for name, p in self._params.items()
-            if name.startswith("model.") and bool((p == p[:1]).all())
+            if name.startswith("model.")
+            and name.rpartition(".")[0] not in resettable  # e.g. BatchNorm resets to constants
+            and bool((p == p[:1]).all())
         ]
         if same:
             warnings.warn(

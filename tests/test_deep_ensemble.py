@@ -1,0 +1,134 @@
+"""Deep ensembles: independent members, trained as one vectorised program that equals M
+separate trainings, and epistemic uncertainty that shrinks with data."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import bayesdl as bdl
+
+
+def _net(n_in=2, n_out=2, hidden=16):
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, n_out))
+
+
+def test_members_are_initialised_independently():
+    ens = bdl.DeepEnsemble(_net(), n_members=4, seed=0)
+    w = ens._params["model.0.weight"]
+    assert w.shape == (4, 16, 2)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not torch.equal(w[i], w[j])
+    again = bdl.DeepEnsemble(_net(), n_members=4, seed=0)
+    assert torch.equal(again._params["model.0.weight"], w)
+
+
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x * self.s
+
+
+def test_warns_about_parameters_it_cannot_reinitialise():
+    with pytest.warns(UserWarning, match=r"model\.2\.s"):
+        bdl.DeepEnsemble(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), Scale()), n_members=2, seed=0)
+
+
+def test_vectorised_training_equals_separate_trainings():
+    """Stacked Adam on the summed member losses == M independent Adam runs (same data order)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 2, generator=g, dtype=torch.float64)
+    y = torch.sin(x[:, 0]) + 0.1 * torch.randn(50, generator=g, dtype=torch.float64)
+    template = _net().double()
+    ens = bdl.DeepEnsemble(template, "gaussian", n_members=3, seed=5, independent_data_order=False)
+    initial = {k: v.detach().clone() for k, v in ens._params.items()}
+    opts = dict(epochs=4, batch_size=16, lr=1e-2, weight_decay=1e-3, seed=11)
+    ens.fit((x, y), **opts)
+    for m in range(3):
+        single_net = copy.deepcopy(template)
+        single_net.load_state_dict(
+            {k.removeprefix("model."): v[m] for k, v in initial.items() if k.startswith("model.")}
+        )
+        single = bdl.Deterministic(single_net, "gaussian")
+        single.fit((x, y), **opts)
+        for name, p in single.network.named_parameters():
+            torch.testing.assert_close(
+                ens._params[name][m], p.detach(), rtol=1e-9, atol=1e-11, msg=name
+            )
+
+
+def test_independent_data_order_differs_between_members_but_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, generator=g)
+    y = (x[:, 0] > 0).long()
+    template = _net()
+
+    def trained(seed):
+        ens = bdl.DeepEnsemble(template, n_members=2, seed=0, reinitialize=False)
+        ens.fit((x, y), epochs=1, batch_size=8, lr=1e-2, seed=seed)
+        return ens._params["model.0.weight"].detach()
+
+    a, b = trained(1), trained(1)
+    assert torch.equal(a, b)
+    # same initial weights (reinitialize=False): only the data order separates the members
+    assert not torch.allclose(a[0], a[1])
+
+
+def test_n_samples_must_match_the_members():
+    ens = bdl.DeepEnsemble(_net(), n_members=3, seed=0)
+    assert ens.sample_outputs(torch.zeros(4, 2)).shape == (3, 4, 2)
+    assert ens.sample_outputs(torch.zeros(4, 2), 3).shape == (3, 4, 2)
+    with pytest.raises(ValueError, match="one draw per member.*n_samples=None or 3"):
+        ens.sample_outputs(torch.zeros(4, 2), 10)
+    with pytest.raises(ValueError, match="n_members"):
+        bdl.DeepEnsemble(_net(), n_members=0)
+
+
+def test_outputs_equal_each_members_own_forward():
+    ens = bdl.DeepEnsemble(_net(), n_members=3, seed=2)
+    x = torch.randn(5, 2)
+    out = ens.sample_outputs(x)
+    for m in range(3):
+        member = {k: v[m] for k, v in ens._params.items()}
+        torch.testing.assert_close(out[m], functional_call(ens.network, member, (x,)))
+
+
+def test_batchnorm_statistics_are_kept_per_member():
+    net = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    ens = bdl.DeepEnsemble(net, n_members=3, seed=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, generator=g) * 2 + 1
+    y = (x[:, 0] > 1).long()
+    ens.fit((x, y), epochs=2, batch_size=16, seed=0)
+    rm = ens._buffers["model.1.running_mean"]
+    assert rm.shape == (3, 8)
+    assert not torch.allclose(rm, torch.zeros_like(rm))
+    assert not torch.allclose(rm[0], rm[1])
+    assert ens._buffers["model.1.num_batches_tracked"].tolist() == [8, 8, 8]
+
+
+def test_epistemic_uncertainty_shrinks_with_data():
+    """An ensemble fitted on 2,000 points is less unsure inside the data range than on 50."""
+
+    def epistemic(n):
+        g = torch.Generator().manual_seed(n)
+        x = torch.rand(n, 1, generator=g) * 6 - 3
+        y = torch.sin(x[:, 0]) + 0.2 * torch.randn(n, generator=g)
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 2))
+        ens = bdl.DeepEnsemble(net, "gaussian", n_members=5, seed=0)
+        ens.fit((x, y), epochs=300, batch_size=n, lr=2e-2, seed=0)
+        grid = torch.linspace(-2.5, 2.5, 101)[:, None]
+        return ens.predict(grid).epistemic.mean().item()
+
+    small, large = epistemic(50), epistemic(2000)
+    assert large < 0.5 * small, (small, large)
