@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks.speed [--json] [--cases a,b] [--repeats N] [--quick]
+    python -m benchmarks.speed [--json] [--cases a,b] [--repeats N] [--quick] [--threads N]
 
 Every case builds a ``(method, baseline, info)`` triple; :func:`time_pair` times both with the
 same protocol (one warm-up call of each, then ``repeats`` interleaved calls ``A B A B ...`` so that
@@ -253,14 +253,23 @@ def format_table(result: dict, notes: list[str], quick: bool) -> str:
 
 
 def _parse(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.speed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--cases", help=f"comma-separated subset of: {', '.join(names)}")
     parser.add_argument("--repeats", type=int, help="timed repeats of each side (default 5)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: torch's own choice)"
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be a positive integer, got {args.repeats}.")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be a positive integer, got {args.threads}.")
     if args.cases is None:
         args.cases = names
     else:
@@ -276,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     cases, notes = all_cases()
     args = _parse(argv, list(cases))
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rows = [run_case(name, cases[name], args.quick, repeats) for name in args.cases]
     result = {"cases": rows, "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.json:

@@ -87,3 +87,11 @@ def test_time_pair_interleaves_after_one_warm_up():
     seconds, base = speed.time_pair(lambda: calls.append("A"), lambda: calls.append("B"), 3)
     assert calls == ["A", "B"] * 4
     assert seconds >= 0 and base >= 0
+
+
+def test_method_without_builder_is_skipped_with_a_note(monkeypatch):
+    monkeypatch.delitem(speed.MLP_BUILDERS, "deep_ensemble")
+    cases, notes = speed.all_cases()
+    assert "mlp_predict_s100_deep_ensemble" not in cases
+    assert "mlp_predict_s100_mc_dropout" in cases
+    assert any("deep_ensemble" in note and "skipped" in note for note in notes)

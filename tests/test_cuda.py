@@ -1,0 +1,65 @@
+"""Device placement and dtype on CUDA for every registered posterior (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_posterior, mlp
+
+import bayesdl as bdl
+from bayesdl import metrics
+from bayesdl.posteriors.mc_dropout import keep_mask, keep_probability
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def _n(post):
+    return None if post.name == "deep_ensemble" else 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fit_and_predict_on_cuda(method, dtype, classification_data):
+    x, y = classification_data
+    post = make_posterior(method, mlp().to(CUDA, dtype))
+    # CPU tensors are moved to the model's device at the boundary
+    history = post.fit((x, y), epochs=2, batch_size=16, seed=0, val_fraction=0.25)
+    assert len(history.val_loss) == 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = post.sample_outputs(x.to(CUDA), _n(post), generator=gen)
+    assert out.device.type == "cuda" and out.dtype == dtype
+    again = post.sample_outputs(x, _n(post), generator=torch.Generator("cuda").manual_seed(0))
+    torch.testing.assert_close(out, again, rtol=0, atol=0)
+    pred = post.predict(x, _n(post))
+    assert pred.probs.device.type == "cuda"
+    assert metrics.accuracy(pred.probs, y.to(CUDA)).device.type == "cuda"
+    assert metrics.ood_auroc(pred.epistemic, pred.epistemic + 1).device.type == "cuda"
+    with pytest.raises(ValueError, match="generator lives on cpu"):
+        post.sample_outputs(x, _n(post), generator=torch.Generator().manual_seed(0))
+
+
+def test_regression_and_state_round_trip_on_cuda(method, regression_data):
+    x, y = regression_data
+    post = make_posterior(method, mlp(n_out=2).to(CUDA), "gaussian")
+    post.fit((x.to(CUDA), y.to(CUDA)), epochs=2, batch_size=16, seed=0)
+    pred = post.predict(x, _n(post), generator=torch.Generator("cuda").manual_seed(1))
+    lo, hi = pred.interval(0.9)
+    assert lo.device.type == hi.device.type == "cuda"
+    assert torch.isfinite(pred.log_prob(y.to(CUDA))).all()
+    fresh = make_posterior(method, mlp(n_out=2).to(CUDA), "gaussian")
+    fresh.load_state_dict(post.state_dict())
+    a = fresh.sample_outputs(x, _n(post), generator=torch.Generator("cuda").manual_seed(2))
+    b = post.sample_outputs(x, _n(post), generator=torch.Generator("cuda").manual_seed(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_dropout_masks_on_cuda_keep_rate():
+    mask = keep_mask((2000, 500), 0.3, torch.Generator("cuda").manual_seed(0), CUDA)
+    assert mask.device.type == "cuda"
+    assert mask.double().mean().item() == pytest.approx(keep_probability(0.3, CUDA), abs=3e-3)
+
+
+def test_homoscedastic_likelihood_moves_with_the_model():
+    post = bdl.MCDropout(mlp(n_out=1).to(CUDA), "homoscedastic_gaussian")
+    assert post.likelihood.log_variance.device.type == "cuda"
+    assert post.predict(torch.randn(3, 4), 5).aleatoric.device.type == "cuda"
