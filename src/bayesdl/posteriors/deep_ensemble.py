@@ -2,7 +2,8 @@
 independent initialisations (and, by default, independent data orders), trained together.
 
 The members' parameters are stacked along a leading axis (``torch.func.stack_module_state``) and
-every forward pass is one ``torch.func.vmap`` of ``functional_call`` over that axis: the ``M``
+every forward pass is one ``torch.func.vmap`` of a functional call over that axis
+(:mod:`bayesdl.posteriors.stacked`): the ``M``
 trainings run as one vectorised program, not ``M`` sequential ones. Adam is elementwise, so
 optimising the stacked leaves with the summed loss is exactly ``M`` independent trainings. The
 posterior is the uniform mixture over the members, so ``sample_outputs`` returns the ``M``
@@ -16,10 +17,10 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
 
 from bayesdl.likelihoods import Likelihood
 from bayesdl.posteriors.base import Network, Posterior, register
+from bayesdl.posteriors.stacked import StackedModule
 
 __all__ = ["DeepEnsemble"]
 
@@ -48,7 +49,7 @@ class _EnsembleObjective:
         return [*self.ensemble._params.values(), *self.ensemble._buffers.values()]
 
     def train(self, mode: bool) -> None:
-        self.ensemble._base.train(mode)
+        self.ensemble._stack.train(mode)
 
     def loss(self, x: Tensor, y: Tensor, n_data: int) -> Tensor:
         per_member = 0 if self.n_orders > 1 else None
@@ -109,12 +110,9 @@ class DeepEnsemble(Posterior):
             if reinitialize:
                 _reinitialize(member, seed + m)
             members.append(member)
-        params, buffers = stack_module_state(members)
-        self._params: dict[str, Tensor] = params
-        self._buffers: dict[str, Tensor] = buffers
-        self._base = copy.deepcopy(self.network).to("meta")
-        self._names = (*params, *buffers)
-        self._vmapped: dict[int | None, object] = {}
+        self._stack = StackedModule(members)
+        self._params = self._stack.params
+        self._buffers = self._stack.buffers
         if reinitialize and n_members > 1:
             self._warn_shared_parameters()
 
@@ -151,22 +149,9 @@ class DeepEnsemble(Posterior):
             )
         return self.n_members
 
-    # The stacked tensors travel through vmap as flat tuples (cheaper to flatten than dicts)
-    # and are named again inside; weights are not tied across members, so tie_weights=False.
-    def _forward(self, tensors: tuple[Tensor, ...], x: Tensor) -> Tensor:
-        named = dict(zip(self._names, tensors, strict=True))
-        return functional_call(self._base, named, (x,), tie_weights=False)
-
-    def _stacked(self) -> tuple[Tensor, ...]:
-        return (*self._params.values(), *self._buffers.values())
-
     def _member_outputs(self, x: Tensor, data_dim: int | None) -> Tensor:
         """Outputs of every member, ``(M, B, K)``; ``x`` is ``(B, ...)`` or ``(M, B, ...)``."""
-        if data_dim not in self._vmapped:
-            self._vmapped[data_dim] = vmap(
-                self._forward, in_dims=(0, data_dim), randomness="different"
-            )
-        return self._vmapped[data_dim](self._stacked(), x)
+        return self._stack(x, batched_input=data_dim is not None)
 
     def _member_losses(self, x: Tensor, y: Tensor, data_dim: int | None) -> Tensor:
         # Only the network runs under vmap; the likelihood broadcasts over the member axis.
@@ -178,12 +163,12 @@ class DeepEnsemble(Posterior):
     def _sample_outputs(
         self, x: Tensor, n_samples: int, generator: torch.Generator | None
     ) -> Tensor:
-        was_training = self._base.training
-        self._base.eval()
+        was_training = self._stack.training
+        self._stack.train(False)
         try:
             return self._member_outputs(x, None)
         finally:
-            self._base.train(was_training)
+            self._stack.train(was_training)
 
     def _extra_state(self) -> dict[str, Tensor]:
         return {
