@@ -3,6 +3,7 @@
 Run from the repository root::
 
     python -m benchmarks.speed [--json] [--cases a,b] [--repeats N] [--quick] [--threads N]
+                               [--device cuda]
 
 Every case builds a ``(method, baseline, info)`` triple; :func:`time_pair` times both with the
 same protocol (one warm-up call of each, then ``repeats`` interleaved calls ``A B A B ...`` so that
@@ -43,7 +44,7 @@ import bayesdl as bdl
 __all__ = ["all_cases", "main", "time_pair"]
 
 Timed = Callable[[], object]
-CaseBuilder = Callable[[bool], tuple[Timed, Timed, dict]]
+CaseBuilder = Callable[[bool, torch.device], tuple[Timed, Timed, dict]]
 
 DEFAULT_REPEATS = 5
 QUICK_REPEATS = 2
@@ -51,21 +52,30 @@ SEED = 0
 
 
 # ----------------------------------------------------------------------------- timing
-def time_pair(method: Timed, baseline: Timed, repeats: int) -> tuple[float, float]:
+def time_pair(
+    method: Timed, baseline: Timed, repeats: int, device: torch.device | None = None
+) -> tuple[float, float]:
     """Median seconds of ``method`` and of ``baseline`` over ``repeats`` interleaved calls.
 
     One warm-up call of each comes first (untimed); then ``A B A B ...``. The garbage collector
     runs before each call, outside the timed interval, so a collection triggered by one call's
     garbage does not land in the other's time.
     """
+
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     method()
     baseline()
+    sync()
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
         for fn, out in zip((method, baseline), times, strict=True):
             gc.collect()
             start = time.perf_counter()
             fn()
+            sync()
             out.append(time.perf_counter() - start)
     return statistics.median(times[0]), statistics.median(times[1])
 
@@ -119,17 +129,19 @@ def _forward_loop(net: nn.Module, x: Tensor, n: int, *, train_mode: bool) -> Tim
 
 
 # ----------------------------------------------------------------------------- cases
-def case_ensemble_train_small(quick: bool) -> tuple[Timed, Timed, dict]:
+def case_ensemble_train_small(quick: bool, device: torch.device) -> tuple[Timed, Timed, dict]:
     n_points, epochs, n_members = (64, 2, 5) if quick else (455, 40, 5)
-    x, y = _regression_data(n_points)
+    x, y = (t.to(device) for t in _regression_data(n_points))
     settings = dict(epochs=epochs, batch_size=32, lr=1e-3, seed=SEED, progress=False)
 
     def method() -> None:
-        net = _seeded(SEED, _regression_net)
+        net = _seeded(SEED, _regression_net).to(device)
         bdl.DeepEnsemble(net, "gaussian", n_members=n_members, seed=SEED).fit((x, y), **settings)
 
     def baseline() -> None:
-        bdl.Deterministic(_seeded(SEED, _regression_net), "gaussian").fit((x, y), **settings)
+        bdl.Deterministic(_seeded(SEED, _regression_net).to(device), "gaussian").fit(
+            (x, y), **settings
+        )
 
     info = {
         "target": 1.5,
@@ -142,12 +154,12 @@ def case_ensemble_train_small(quick: bool) -> tuple[Timed, Timed, dict]:
     return method, baseline, info
 
 
-def case_mc_dropout_predict_10k(quick: bool) -> tuple[Timed, Timed, dict]:
+def case_mc_dropout_predict_10k(quick: bool, device: torch.device) -> tuple[Timed, Timed, dict]:
     n_samples, batch = (200, 51) if quick else (10_000, 51)
-    net = _seeded(SEED, _regression_dropout_net)
+    net = _seeded(SEED, _regression_dropout_net).to(device)
     post = bdl.MCDropout(net, "gaussian")
-    x = torch.randn(batch, 13, generator=torch.Generator().manual_seed(SEED + 1))
-    generator = torch.Generator().manual_seed(SEED)
+    x = torch.randn(batch, 13, generator=torch.Generator().manual_seed(SEED + 1)).to(device)
+    generator = torch.Generator(device=device).manual_seed(SEED)
 
     def method() -> Tensor:
         with torch.no_grad():
@@ -173,12 +185,12 @@ MLP_BUILDERS: dict[str, Callable[[nn.Module, int], bdl.Posterior]] = {
 
 
 def _mlp_case(name: str) -> CaseBuilder:
-    def case(quick: bool) -> tuple[Timed, Timed, dict]:
+    def case(quick: bool, device: torch.device) -> tuple[Timed, Timed, dict]:
         n_samples, batch, hidden = (10, 50, 64) if quick else (100, 1000, 400)
-        post = MLP_BUILDERS[name](_seeded(SEED, lambda: _mlp(hidden)), n_samples)
-        floor_net = _seeded(SEED, lambda: _mlp(hidden))
-        x = torch.randn(batch, 784, generator=torch.Generator().manual_seed(SEED + 1))
-        generator = torch.Generator().manual_seed(SEED)
+        post = MLP_BUILDERS[name](_seeded(SEED, lambda: _mlp(hidden)).to(device), n_samples)
+        floor_net = _seeded(SEED, lambda: _mlp(hidden)).to(device)
+        x = torch.randn(batch, 784, generator=torch.Generator().manual_seed(SEED + 1)).to(device)
+        generator = torch.Generator(device=device).manual_seed(SEED)
 
         def method() -> Tensor:
             with torch.no_grad():
@@ -216,9 +228,12 @@ def all_cases() -> tuple[dict[str, CaseBuilder], list[str]]:
     return cases, notes
 
 
-def run_case(name: str, build: CaseBuilder, quick: bool, repeats: int) -> dict:
-    method, baseline, info = build(quick)
-    seconds, base = time_pair(method, baseline, repeats)
+def run_case(
+    name: str, build: CaseBuilder, quick: bool, repeats: int, device: torch.device | None = None
+) -> dict:
+    device = device or torch.device("cpu")
+    method, baseline, info = build(quick, device)
+    seconds, base = time_pair(method, baseline, repeats, device)
     row = {
         "name": name,
         "seconds": seconds,
@@ -228,6 +243,7 @@ def run_case(name: str, build: CaseBuilder, quick: bool, repeats: int) -> dict:
         "repeats": repeats,
         "threads": torch.get_num_threads(),
         "quick": quick,
+        "device": str(device),
     }
     row["met"] = row["ratio"] <= row["target"]
     return row
@@ -235,7 +251,10 @@ def run_case(name: str, build: CaseBuilder, quick: bool, repeats: int) -> dict:
 
 # ----------------------------------------------------------------------------- output
 def format_table(result: dict, notes: list[str], quick: bool) -> str:
-    head = f"bayesdl speed benchmark: torch {result['torch']}, {result['threads']} threads"
+    head = (
+        f"bayesdl speed benchmark: torch {result['torch']}, {result['device']}, "
+        f"{result['threads']} threads"
+    )
     lines = [head]
     if quick:
         lines.append("QUICK mode: sizes shrunk for the test suite; ratios say nothing of targets.")
@@ -265,6 +284,7 @@ def _parse(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, help="torch intra-op threads (default: torch's own choice)"
     )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be a positive integer, got {args.repeats}.")
@@ -287,8 +307,14 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rows = [run_case(name, cases[name], args.quick, repeats) for name in args.cases]
-    result = {"cases": rows, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    device = torch.device(args.device)
+    rows = [run_case(name, cases[name], args.quick, repeats, device) for name in args.cases]
+    result = {
+        "cases": rows,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
     if args.json:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import bayesdl as bdl
 
@@ -41,7 +42,7 @@ def quick_json() -> dict:
 
 
 def test_json_structure(quick_json):
-    assert set(quick_json) == {"cases", "torch", "threads"}
+    assert set(quick_json) == {"cases", "torch", "threads", "device"}
     assert isinstance(quick_json["torch"], str)
     assert isinstance(quick_json["threads"], int) and quick_json["threads"] >= 1
     names = [row["name"] for row in quick_json["cases"]]
@@ -63,7 +64,7 @@ def test_targets_are_the_issues():
     cases, _ = speed.all_cases()
     want = {"ensemble_train_small": 1.5, "mc_dropout_predict_10k": 0.2}
     for name, build in cases.items():
-        info = build(True)[2]
+        info = build(True, torch.device("cpu"))[2]
         assert info["target"] == want.get(name, 1.15), name
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_posterior, mlp
 
 import bayesdl as bdl
 from bayesdl import metrics
 from bayesdl.posteriors.mc_dropout import keep_mask, keep_probability
+from conftest import make_posterior, mlp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

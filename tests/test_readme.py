@@ -13,7 +13,7 @@ def test_readme_snippets_run():
     assert len(blocks) >= 2
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+        exec(compile(block, str(README), "exec"), namespace)
     pred = namespace["pred"]
     assert pred.mean.shape == (8,)
     assert (namespace["lower"] < namespace["upper"]).all()
