@@ -116,19 +116,23 @@ def test_batchnorm_statistics_are_kept_per_member():
     assert ens._buffers["model.1.num_batches_tracked"].tolist() == [8, 8, 8]
 
 
-def test_epistemic_uncertainty_shrinks_with_data():
-    """An ensemble fitted on 2,000 points is less unsure inside the data range than on 50."""
+@pytest.mark.parametrize("seed", [0, 1])
+def test_epistemic_uncertainty_shrinks_with_data(seed):
+    """An ensemble fitted on 2,000 points is far less unsure inside the data range than on 20."""
 
     def epistemic(n):
-        g = torch.Generator().manual_seed(n)
+        g = torch.Generator().manual_seed(n + 1000 * seed)
         x = torch.rand(n, 1, generator=g) * 6 - 3
         y = torch.sin(x[:, 0]) + 0.2 * torch.randn(n, generator=g)
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 2))
-        ens = bdl.DeepEnsemble(net, "gaussian", n_members=5, seed=0)
-        ens.fit((x, y), epochs=300, batch_size=n, lr=2e-2, seed=0)
+        torch.manual_seed(seed)
+        net = nn.Sequential(
+            nn.Linear(1, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)
+        )
+        ens = bdl.DeepEnsemble(net, "gaussian", n_members=5, seed=seed)
+        ens.fit((x, y), epochs=300, batch_size=n, lr=1e-2, seed=seed)
         grid = torch.linspace(-2.5, 2.5, 101)[:, None]
         return ens.predict(grid).epistemic.mean().item()
 
-    small, large = epistemic(50), epistemic(2000)
-    assert large < 0.5 * small, (small, large)
+    # seeds 0-3 gave ratios 0.004-0.13 here; 0.3 leaves room for other BLAS and torch builds
+    small, large = epistemic(20), epistemic(2000)
+    assert large < 0.3 * small, (small, large)
