@@ -1,0 +1,115 @@
+"""StackedModule: the fast path and the vmap path agree with each member's own forward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from bayesdl.posteriors.stacked import StackedModule
+
+f64 = torch.float64
+
+
+def _copies(make, m=4, seed=0):
+    torch.manual_seed(seed)
+    return [make().double() for _ in range(m)]
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(3, 8), nn.GELU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+class Flatten(nn.Module):
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def _conv():
+    return nn.Sequential(nn.Conv1d(1, 2, 3), Flatten(), nn.Linear(2 * 3, 2))
+
+
+def _member_outputs(copies, x, batched):
+    return torch.stack([c(x[i] if batched else x) for i, c in enumerate(copies)])
+
+
+@pytest.mark.parametrize("make", [_mlp, _conv], ids=["mlp-fast-path", "conv-vmap"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_outputs_and_gradients_equal_each_members_own(make, batched):
+    copies = _copies(make)
+    stack = StackedModule(copies)
+    shape = (5, 3) if make is _mlp else (5, 1, 5)
+    x = torch.randn(4, *shape, dtype=f64) if batched else torch.randn(*shape, dtype=f64)
+    out = stack(x, batched_input=batched)
+    assert stack.fast_path is (make is _mlp)
+    torch.testing.assert_close(out, _member_outputs(copies, x, batched))
+    # gradients of a summed loss reach each member's slice of the stacked parameters
+    (out**2).sum().backward()
+    for i, c in enumerate(copies):
+        c.zero_grad()
+        (c(x[i] if batched else x) ** 2).sum().backward()
+        for name, p in c.named_parameters():
+            torch.testing.assert_close(stack.params[name].grad[i], p.grad, msg=name)
+
+
+def test_prediction_chunks_match_one_pass():
+    copies = _copies(_mlp, m=7)
+    stack = StackedModule(copies, chunk_rows=10)  # 10 // 5 rows = 2 members per chunk
+    x = torch.randn(5, 3, dtype=f64)
+    with torch.no_grad():
+        chunked = stack(x)
+    torch.testing.assert_close(chunked, _member_outputs(copies, x, False))
+
+
+def test_dropout_in_training_mode_is_independent_per_member():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(3, 200), nn.Dropout(0.5))
+    stack = StackedModule([copy.deepcopy(base) for _ in range(3)])  # identical members
+    stack.train(True)
+    out = stack(torch.ones(2, 3))
+    assert stack.fast_path
+    zero = out == 0
+    assert 0.3 < zero.double().mean().item() < 0.7
+    assert not torch.equal(zero[0], zero[1])
+    stack.train(False)
+    with torch.no_grad():
+        out = stack(torch.ones(2, 3))
+    assert torch.equal(out[0], out[1])
+
+
+def test_a_module_calling_tensor_methods_leaves_the_fast_path_and_still_agrees():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x).mul(2.0)
+
+    copies = _copies(Scaled)
+    stack = StackedModule(copies)
+    x = torch.randn(4, 3, dtype=f64)
+    torch.testing.assert_close(stack(x), _member_outputs(copies, x, False))
+    assert not stack.fast_path
+
+
+def test_tied_weights_are_swapped_everywhere():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    copies = _copies(Tied, m=3)
+    stack = StackedModule(copies)
+    x = torch.randn(2, 4, dtype=f64)
+    torch.testing.assert_close(stack(x), _member_outputs(copies, x, False))
+    member = {k: v[1] for k, v in stack.params.items()}
+    torch.testing.assert_close(stack(x)[1], functional_call(copies[0], member, (x,)))
