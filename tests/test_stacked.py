@@ -40,7 +40,7 @@ def _member_outputs(copies, x, batched):
 @pytest.mark.parametrize("batched", [False, True])
 def test_outputs_and_gradients_equal_each_members_own(make, batched):
     copies = _copies(make)
-    stack = StackedModule(copies)
+    stack = StackedModule.from_copies(copies)
     shape = (5, 3) if make is _mlp else (5, 1, 5)
     x = torch.randn(4, *shape, dtype=f64) if batched else torch.randn(*shape, dtype=f64)
     out = stack(x, batched_input=batched)
@@ -57,7 +57,7 @@ def test_outputs_and_gradients_equal_each_members_own(make, batched):
 
 def test_prediction_chunks_match_one_pass():
     copies = _copies(_mlp, m=7)
-    stack = StackedModule(copies, chunk_rows=10)  # 10 // 5 rows = 2 members per chunk
+    stack = StackedModule.from_copies(copies, chunk_rows=10)  # 10 // 5 rows = 2 members per chunk
     x = torch.randn(5, 3, dtype=f64)
     with torch.no_grad():
         chunked = stack(x)
@@ -67,7 +67,7 @@ def test_prediction_chunks_match_one_pass():
 def test_dropout_in_training_mode_is_independent_per_member():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(3, 200), nn.Dropout(0.5))
-    stack = StackedModule([copy.deepcopy(base) for _ in range(3)])  # identical members
+    stack = StackedModule.from_copies([copy.deepcopy(base) for _ in range(3)])  # identical members
     stack.train(True)
     out = stack(torch.ones(2, 3))
     assert stack.fast_path
@@ -90,7 +90,7 @@ def test_a_module_calling_tensor_methods_leaves_the_fast_path_and_still_agrees()
             return self.lin(x).mul(2.0)
 
     copies = _copies(Scaled)
-    stack = StackedModule(copies)
+    stack = StackedModule.from_copies(copies)
     x = torch.randn(4, 3, dtype=f64)
     torch.testing.assert_close(stack(x), _member_outputs(copies, x, False))
     assert not stack.fast_path
@@ -108,8 +108,23 @@ def test_tied_weights_are_swapped_everywhere():
             return self.b(torch.relu(self.a(x)))
 
     copies = _copies(Tied, m=3)
-    stack = StackedModule(copies)
+    stack = StackedModule.from_copies(copies)
     x = torch.randn(2, 4, dtype=f64)
     torch.testing.assert_close(stack(x), _member_outputs(copies, x, False))
     member = {k: v[1] for k, v in stack.params.items()}
     torch.testing.assert_close(stack(x)[1], functional_call(copies[0], member, (x,)))
+
+
+def test_sampled_tensors_replace_the_stored_ones():
+    template = _mlp().double()
+    params = {
+        k: v.detach()[None].expand(3, *v.shape).clone() for k, v in template.named_parameters()
+    }
+    stack = StackedModule(template, params)
+    noise = {k: 0.01 * torch.randn_like(v) for k, v in params.items()}
+    drawn = tuple(params[k] + noise[k] for k in stack.names)
+    x = torch.randn(4, 3, dtype=f64)
+    out = stack(x, tensors=drawn)
+    for i in range(3):
+        member = {k: t[i] for k, t in zip(stack.names, drawn, strict=True)}
+        torch.testing.assert_close(out[i], functional_call(template, member, (x,)))

@@ -183,3 +183,18 @@ def test_bad_config(kwargs, match):
 def test_val_fraction_too_small_for_the_data():
     with pytest.raises(ValueError, match="leaves 0 for validation"):
         fit(Quadratic(), _data(n=4), TrainConfig(epochs=1, val_fraction=0.1))
+
+
+def test_end_epoch_hook_sees_every_finished_epoch_and_the_optimizer():
+    obj = Quadratic()
+    calls = []
+
+    def end_epoch(epoch, optimizer):
+        calls.append((epoch, obj.w.item()))
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0  # freeze after the first epoch
+
+    obj.end_epoch = end_epoch
+    fit(obj, _data(), TrainConfig(epochs=3, batch_size=8, lr=0.1, seed=0))
+    assert [c[0] for c in calls] == [1, 2, 3]
+    assert calls[0][1] != 0.0 and calls[1][1] == calls[2][1] == calls[0][1]

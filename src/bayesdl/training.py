@@ -155,6 +155,9 @@ class Objective(Protocol):
     def val_loss(self, x: Tensor, y: Tensor) -> Tensor:
         """Mean validation loss: a scalar, or one per member ``(K,)``."""
 
+    # Optional: ``end_epoch(epoch, optimizer)`` is called after every finished epoch (1-based),
+    # for methods that act on the trajectory (SWAG) or adjust the optimiser's learning rate.
+
 
 def _make_optimizer(params: list[Tensor], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer is OptimizerName.ADAM:
@@ -316,6 +319,9 @@ def fit(
                 raise diverged(epoch, candidate, epoch - 1)
             verified, candidate, verified_epoch = candidate, verified, epoch - 1
             history.train_loss.append(epoch_loss)
+            end_epoch = getattr(objective, "end_epoch", None)
+            if end_epoch is not None:  # e.g. SWAG collects its moments and sets the SWA rate
+                end_epoch(epoch, optimizer)
 
             if val is not None:
                 objective.train(False)

@@ -110,7 +110,7 @@ class DeepEnsemble(Posterior):
             if reinitialize:
                 _reinitialize(member, seed + m)
             members.append(member)
-        self._stack = StackedModule(members)
+        self._stack = StackedModule.from_copies(members)
         self._params = self._stack.params
         self._buffers = self._stack.buffers
         if reinitialize and n_members > 1:

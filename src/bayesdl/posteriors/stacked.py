@@ -133,35 +133,57 @@ class _StackedMode(TorchFunctionMode):
 
 
 class StackedModule:
-    """``M`` parameter sets of one module, stacked along a leading axis, applied with vmap.
+    """One module's structure with ``M`` stacked parameter sets, applied all at once.
 
     Parameters
     ----------
-    copies:
-        ``M`` modules of identical structure (e.g. independently initialised copies).
+    template:
+        A module of the structure to run (its own tensors are not used; ties between its
+        parameters are respected).
+    params, buffers:
+        ``dict[str, Tensor]`` of stacked tensors ``(M, ...)`` keyed like
+        ``template.named_parameters()`` / ``named_buffers()``. ``params`` may be leaves that
+        require grad (they are trained in place, e.g. by a deep ensemble).
     chunk_rows:
         At prediction (no gradient), members are processed in chunks of about
         ``chunk_rows // B`` so the activations of a chunk stay cache-sized; training runs all
         members at once.
 
-    Attributes
-    ----------
-    params, buffers:
-        ``dict[str, Tensor]`` of stacked tensors ``(M, ...)``; ``params`` are leaves that require
-        grad.
+    Sampling-based methods (posterior draws) pass freshly drawn tensors per call instead:
+    ``stack(x, tensors=...)``.
     """
 
-    def __init__(self, copies: list[nn.Module], *, chunk_rows: int = 2**11) -> None:
-        params, buffers = stack_module_state(copies)
-        self.params: dict[str, Tensor] = params
-        self.buffers: dict[str, Tensor] = buffers
-        self.n_members = len(copies)
-        self.base = copy.deepcopy(copies[0]).to("meta")
-        self._call = StackedCall(self.base, (*params, *buffers), reference=copies[0])
+    def __init__(
+        self,
+        template: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor] | None = None,
+        *,
+        chunk_rows: int = 2**11,
+    ) -> None:
+        self.params = params
+        self.buffers = {} if buffers is None else buffers
+        self.base = copy.deepcopy(template).to("meta")
+        self._call = StackedCall(self.base, (*self.params, *self.buffers), reference=template)
         self.chunk_rows = chunk_rows
         self.fast_path = True  # until the module calls something the fast path cannot serve
         self._randomness = "error"
         self._vmapped: dict[tuple, Callable] = {}
+
+    @classmethod
+    def from_copies(cls, copies: list[nn.Module], **options) -> StackedModule:
+        """Stack the parameters and buffers of ``M`` modules of identical structure."""
+        params, buffers = stack_module_state(copies)
+        return cls(copies[0], params, buffers, **options)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Slot names: parameters then buffers."""
+        return self._call.names
+
+    @property
+    def n_members(self) -> int:
+        return next(iter(self.params.values())).shape[0]
 
     def train(self, mode: bool = True) -> None:
         self.base.train(mode)
@@ -174,36 +196,43 @@ class StackedModule:
         """Stacked parameters then buffers, in the order of the slots."""
         return (*self.params.values(), *self.buffers.values())
 
-    def __call__(self, x: Tensor, *, batched_input: bool = False) -> Tensor:
-        """Outputs of every member, ``(M, B, ...)``.
+    def __call__(
+        self, x: Tensor, *, batched_input: bool = False, tensors: tuple[Tensor, ...] | None = None
+    ) -> Tensor:
+        """Outputs under every parameter set, ``(M, B, ...)``.
 
         ``x`` is ``(B, ...)`` (shared by all members) or, with ``batched_input=True``,
-        ``(M, B, ...)`` (one batch per member).
+        ``(M, B, ...)`` (one batch per member). ``tensors`` replaces the stored stacked tensors
+        for this call (same order as :attr:`names`, each ``(M, ...)``).
         """
+        tensors = self.tensors() if tensors is None else tuple(tensors)
+        n = tensors[0].shape[0]
         chunk = None
         if not torch.is_grad_enabled():
             per = max(1, self.chunk_rows // max(1, x.shape[1 if batched_input else 0]))
-            chunk = per if per < self.n_members else None
+            chunk = per if per < n else None
         if self.fast_path:
             try:
-                return self._fast(x, batched_input, chunk)
+                return self._fast(tensors, x, batched_input, chunk)
             except _NoFastPath:
                 self.fast_path = False
         key = (batched_input, chunk)
         try:
-            return self._vmap(key)(self.tensors(), x)
+            return self._vmap(key)(tensors, x)
         except RuntimeError as err:
             if self._randomness == "different" or not _is_randomness_error(err):
                 raise
             self._randomness = "different"  # the module draws random numbers: one per member
             self._vmapped.clear()
-            return self._vmap(key)(self.tensors(), x)
+            return self._vmap(key)(tensors, x)
 
-    def _fast(self, x: Tensor, batched_input: bool, chunk: int | None) -> Tensor:
-        tensors = self.tensors()
-        step = chunk or self.n_members
+    def _fast(
+        self, tensors: tuple[Tensor, ...], x: Tensor, batched_input: bool, chunk: int | None
+    ) -> Tensor:
+        n = tensors[0].shape[0]
+        step = chunk or n
         outs = []
-        for start in range(0, self.n_members, step):
+        for start in range(0, n, step):
             part = tuple(t[start : start + step] for t in tensors) if chunk else tensors
             m = part[0].shape[0]
             xin = x[start : start + m] if batched_input else x.expand(m, *x.shape)
