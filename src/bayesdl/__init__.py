@@ -18,11 +18,13 @@ from bayesdl.posteriors import (
     DeepEnsemble,
     Deterministic,
     MCDropout,
+    MeanFieldVI,
     Posterior,
     available_posteriors,
     get_posterior,
 )
 from bayesdl.predictions import ClassificationPrediction, Prediction, RegressionPrediction
+from bayesdl.priors import GaussianPrior, Prior, ScaleMixturePrior
 from bayesdl.training import History, TrainingDivergedError
 
 __version__ = "0.1.0"
@@ -33,13 +35,17 @@ __all__ = [
     "DeepEnsemble",
     "Deterministic",
     "Gaussian",
+    "GaussianPrior",
     "History",
     "HomoscedasticGaussian",
     "Likelihood",
     "MCDropout",
+    "MeanFieldVI",
     "Posterior",
     "Prediction",
+    "Prior",
     "RegressionPrediction",
+    "ScaleMixturePrior",
     "TrainingDivergedError",
     "__version__",
     "available_posteriors",

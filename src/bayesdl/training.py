@@ -29,6 +29,7 @@ from bayesdl.data import TensorData
 
 __all__ = [
     "History",
+    "LRSchedule",
     "Objective",
     "OptimizerName",
     "TrainConfig",
@@ -51,6 +52,15 @@ class TrainingDivergedError(RuntimeError):
         )
 
 
+class LRSchedule(str, Enum):
+    """How the learning rate changes over the epochs."""
+
+    #: The same rate throughout.
+    CONSTANT = "constant"
+    #: Cosine decay from ``lr`` at the first epoch towards 0 at the last (per epoch).
+    COSINE = "cosine"
+
+
 class OptimizerName(str, Enum):
     """Optimisers the loop can build by name."""
 
@@ -71,7 +81,7 @@ class TrainConfig:
     epochs: passes over the training data.
     batch_size: examples per step (ignored for a DataLoader, which batches itself).
     lr: learning rate. weight_decay: L2 strength (see :class:`OptimizerName`).
-    optimizer: name of the optimiser.
+    optimizer: name of the optimiser. lr_schedule: see :class:`LRSchedule`.
     val_fraction: fraction of the training tensors held out for validation (0: none).
     val_data: an explicit validation pair ``(x, y)`` instead of a split.
     patience: stop after this many epochs without validation improvement (``None``: run all
@@ -85,6 +95,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: OptimizerName | str = OptimizerName.ADAM
+    lr_schedule: LRSchedule | str = LRSchedule.CONSTANT
     val_fraction: float = 0.0
     val_data: object = None
     patience: int | None = None
@@ -107,6 +118,13 @@ class TrainConfig:
             raise bad("val_fraction", "a number in [0, 1)")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise bad("patience", "None or a positive integer")
+        try:
+            self.lr_schedule = LRSchedule(self.lr_schedule)
+        except ValueError:
+            choices = ", ".join(repr(o.value) for o in LRSchedule)
+            raise ValueError(
+                f"unknown lr_schedule {self.lr_schedule!r}; choose one of {choices}."
+            ) from None
         try:
             self.optimizer = OptimizerName(self.optimizer)
         except ValueError:
@@ -294,6 +312,10 @@ def fit(
 
     with _seeded(config.seed, device):
         for epoch in range(1, config.epochs + 1):
+            if config.lr_schedule is LRSchedule.COSINE:
+                rate = 0.5 * config.lr * (1 + math.cos(math.pi * (epoch - 1) / config.epochs))
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
             objective.train(True)
             _copy_into(candidate, state)
             batches = (

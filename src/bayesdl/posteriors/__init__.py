@@ -10,11 +10,13 @@ from bayesdl.posteriors.base import (
 from bayesdl.posteriors.deep_ensemble import DeepEnsemble
 from bayesdl.posteriors.deterministic import Deterministic
 from bayesdl.posteriors.mc_dropout import MCDropout
+from bayesdl.posteriors.mean_field_vi import MeanFieldVI
 
 __all__ = [
     "DeepEnsemble",
     "Deterministic",
     "MCDropout",
+    "MeanFieldVI",
     "Network",
     "Posterior",
     "available_posteriors",

@@ -1,0 +1,267 @@
+"""Mean-field VI: exact on conjugate linear regression, the KL and the ELBO scaling by hand,
+estimators, priors, diagnostics and bad input."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+
+import bayesdl as bdl
+from bayesdl.posteriors.mean_field_vi import Estimator
+from bayesdl.priors import GaussianPrior, ScaleMixturePrior, gaussian_kl
+
+f64 = torch.float64
+
+
+def test_recovers_the_exact_mean_field_optimum_of_bayesian_linear_regression():
+    """With known noise and a Gaussian prior the optimum is known: means = exact posterior mean,
+    variances = 1 / diagonal of the posterior precision."""
+    n, d, noise, scale = 50, 3, 0.5, 1.0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g, dtype=f64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=f64) + noise * torch.randn(
+        n, generator=g, dtype=f64
+    )
+    precision = x.T @ x / noise**2 + torch.eye(d, dtype=f64) / scale**2
+    exact_mean = torch.linalg.solve(precision, x.T @ y / noise**2)
+    exact_var = 1 / torch.diagonal(precision)
+
+    likelihood = bdl.HomoscedasticGaussian(init_variance=noise**2, min_variance=0.0).double()
+    likelihood.log_variance.requires_grad_(False)  # known noise
+    post = bdl.MeanFieldVI(
+        nn.Linear(d, 1, bias=False).double(),
+        likelihood,
+        prior=GaussianPrior(scale),
+        init_std=0.1,
+        min_std=0.0,
+        n_train_samples=256,
+    )
+    post.fit((x, y), epochs=1500, batch_size=n, lr=0.02, lr_schedule="cosine", seed=0)
+    mean_err = ((post.mu.detach() - exact_mean).abs() / exact_mean.abs()).max().item()
+    var_err = ((post.sigma.detach() ** 2 - exact_var).abs() / exact_var).max().item()
+    assert mean_err < 0.02, mean_err
+    assert var_err < 0.02, var_err
+    # after fit, the user's module holds the posterior mean
+    torch.testing.assert_close(post.model.weight.detach()[0], post.mu.detach())
+
+
+def test_gaussian_kl_equals_torch_distributions():
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(40, generator=g, dtype=f64)
+    sigma = torch.rand(40, generator=g, dtype=f64) + 0.05
+    for scale in (0.3, 1.0, 2.5):
+        want = kl_divergence(Normal(mu, sigma), Normal(torch.zeros_like(mu), scale)).sum()
+        torch.testing.assert_close(gaussian_kl(mu, sigma, scale), want)
+        torch.testing.assert_close(GaussianPrior(scale).kl(mu, sigma), want)
+        torch.testing.assert_close(
+            GaussianPrior(scale).log_prob(mu), Normal(0.0, scale).log_prob(mu).sum()
+        )
+
+
+def test_scale_mixture_prior_log_prob_and_monte_carlo_kl():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(30, generator=g, dtype=f64)
+    prior = ScaleMixturePrior(pi=0.3, sigma1=1.5, sigma2=0.1)
+    direct = torch.log(
+        0.3 * Normal(0.0, 1.5).log_prob(w).exp() + 0.7 * Normal(0.0, 0.1).log_prob(w).exp()
+    ).sum()
+    torch.testing.assert_close(prior.log_prob(w), direct)
+    mu, sigma = torch.zeros(30, dtype=f64), torch.full((30,), 0.5, dtype=f64)
+    torch.testing.assert_close(prior.kl(mu, sigma, w), Normal(mu, sigma).log_prob(w).sum() - direct)
+    # the one-sample estimate is unbiased: its mean over many draws nears the true KL
+    many = mu + sigma * torch.randn(20000, 30, generator=g, dtype=f64)
+    estimates = torch.stack([prior.kl(mu, sigma, row) for row in many[:2000]])
+    # reference by a larger independent sample
+    ref = (
+        Normal(mu, sigma).log_prob(many).sum(1) - torch.stack([prior.log_prob(row) for row in many])
+    ).mean()
+    se = estimates.std() / math.sqrt(len(estimates))
+    assert abs(estimates.mean() - ref) < 4 * se
+    with pytest.raises(ValueError, match="sampled weights"):
+        prior.kl(mu, sigma)
+
+
+def test_training_loss_is_the_negative_elbo_divided_by_n():
+    """N * loss == (N / b) * sum of the batch NLLs + KL summed over all parameters."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    post = bdl.MeanFieldVI(net, "gaussian", prior=GaussianPrior(0.7), init_std=0.2)
+    x = torch.randn(5, 2, dtype=f64)
+    y = torch.randn(5, dtype=f64)
+    n_data = 40
+    objective = post._objective()
+    torch.manual_seed(123)
+    loss = objective.loss(x, y, n_data)
+    # redraw the same weights by hand
+    torch.manual_seed(123)
+    eps = torch.randn(post.n_bayesian, dtype=f64)
+    w = post.mu.detach() + post.sigma.detach() * eps
+    # the flat vector holds the parameters in named_parameters() order, each flattened
+    pieces = torch.split(w, [p.numel() for p in net.parameters()])
+    params = {
+        name: piece.reshape(p.shape)
+        for (name, p), piece in zip(net.named_parameters(), pieces, strict=True)
+    }
+    out = torch.func.functional_call(net, params, (x,))
+    nll = -Normal(out[:, 0], (out[:, 1].exp() + 1e-6).sqrt()).log_prob(y)
+    kl = kl_divergence(Normal(post.mu.detach(), post.sigma.detach()), Normal(0.0, 0.7)).sum()
+    want = (n_data / len(x)) * nll.sum() + kl
+    torch.testing.assert_close(loss.detach() * n_data, want)
+
+
+def test_kl_annealing_ramps_the_weight():
+    post = bdl.MeanFieldVI(nn.Linear(2, 2), kl_annealing_epochs=4, kl_weight=2.0)
+    seen = []
+    objective = post._objective()
+    for epoch in range(1, 7):
+        seen.append(post._kl_factor())
+        objective.end_epoch(epoch, None)
+    assert seen == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+
+
+def _toy(n=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, generator=g) * 4 - 2
+    y = torch.sin(2 * x[:, 0]) + 0.1 * torch.randn(n, generator=g)
+    return x, y
+
+
+def test_epistemic_variance_is_larger_outside_the_training_range():
+    x, y = _toy()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    post = bdl.MeanFieldVI(net, "gaussian", init_std=1e-2)
+    post.fit((x, y), epochs=150, batch_size=64, lr=1e-2, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    inside = post.predict(torch.linspace(-1.5, 1.5, 31)[:, None], 200, generator=gen).epistemic
+    outside = post.predict(torch.tensor([[-5.0], [-4.0], [4.0], [5.0]]), 200, generator=gen)
+    assert outside.epistemic.mean() > 3 * inside.mean(), (inside.mean(), outside.epistemic)
+
+
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
+def test_output_noise_estimators_match_weight_sampling_moments(estimator):
+    """For one Linear layer, local reparameterisation and Flipout give pre-activations with the
+    mean x mu^T + b and the variance x^2 sigma^2^T + sigma_b^2 of weight sampling."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 2).double()
+    post = bdl.MeanFieldVI(layer, "gaussian", init_std=0.3, estimator=estimator)
+    with torch.no_grad():
+        post.rho.uniform_(-2, 0)
+    x = torch.randn(1, 4, dtype=f64).expand(2, 4).contiguous()
+    outs = []
+
+    def capture(module, inputs, output):
+        outs.append(output.detach())
+
+    handle = layer.register_forward_hook(capture)
+    torch.manual_seed(1)
+    for _ in range(3000):  # Flipout shares one perturbation per call: many calls
+        post.negative_elbo(x, torch.zeros(2, dtype=f64), 2)
+    handle.remove()
+    out = torch.cat(outs)
+    views = post._views(post.mu.detach())
+    sig = post._views(post.sigma.detach())
+    want_mean = x[0] @ views["model.weight"].T + views["model.bias"]
+    want_var = (x[0] ** 2) @ (sig["model.weight"] ** 2).T + sig["model.bias"] ** 2
+    n = len(out)
+    torch.testing.assert_close(
+        out.mean(0), want_mean, atol=4 * (want_var / n).sqrt().max().item(), rtol=0
+    )
+    torch.testing.assert_close(out.var(0), want_var, rtol=0.1, atol=0)
+
+
+def test_estimators_train_a_conv_net_with_a_custom_layer():
+    class Gain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x * self.g
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 8, generator=g)
+    y = (x.mean((1, 2)) > 0).long()
+    for estimator in ("reparameterization", "local", "flipout"):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.Flatten(), Gain(), nn.Linear(24, 2))
+        post = bdl.MeanFieldVI(net, estimator=estimator, init_std=1e-2)
+        assert set(post.estimators) == (
+            set() if estimator == "reparameterization" else {"model.0", "model.4"}
+        )
+        history = post.fit((x, y), epochs=30, batch_size=16, lr=1e-2, seed=0)
+        assert history.train_loss[-1] < history.train_loss[0], estimator
+        pred = post.predict(x, 20)
+        assert (pred.label == y).double().mean() > 0.7, estimator
+
+
+def test_last_layer_only():
+    x, y = _toy(100)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 2))
+    first = net[0].weight.detach().clone()
+    post = bdl.MeanFieldVI(net, "gaussian", bayesian=["2"])
+    assert post.bayesian_names == ("model.2.weight", "model.2.bias")
+    assert post.n_bayesian == 16 * 2 + 2
+    post.fit((x, y), epochs=5, batch_size=32, lr=1e-2, seed=0)
+    assert not torch.equal(net[0].weight.detach(), first)  # point estimates train too
+    out = post.sample_outputs(x[:3], 5)
+    assert out.shape == (5, 3, 2)
+
+
+def test_diagnostics_report_and_collapse_warnings():
+    x, y = _toy(200)
+    torch.manual_seed(0)
+    post = bdl.MeanFieldVI(nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 2)), "gaussian")
+    post.fit((x, y), epochs=5, batch_size=50, lr=1e-2, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = post.diagnostics(x)
+    assert [r["name"] for r in report.rows] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert all(r["snr"] > 0 and r["kl_per_parameter"] >= 0 for r in report.rows)
+    assert report.total_kl == pytest.approx(float(post.kl().detach()), rel=1e-5)
+    # a posterior whose stds sit at the floor
+    with torch.no_grad():
+        post.rho.fill_(-60.0)
+    with pytest.warns(UserWarning, match="collapse to a point"):
+        post.diagnostics()
+    # a posterior equal to the prior, with a network whose output ignores the input
+    flat = nn.Sequential(nn.Linear(1, 2))
+    prior_post = bdl.MeanFieldVI(flat, "gaussian", prior=GaussianPrior(1e-4), init_std=1e-4 - 1e-9)
+    with torch.no_grad():
+        prior_post.mu.zero_()
+        prior_post.rho.fill_(math.log(math.expm1(1e-4 - 1e-6)))
+    with pytest.warns(UserWarning, match="collapse to the prior"):
+        prior_post.diagnostics(x)
+
+
+def test_bad_input():
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="scale must be a positive number, got -1"):
+        GaussianPrior(-1.0)
+    with pytest.raises(ValueError, match="sigma2 must be a positive number"):
+        ScaleMixturePrior(sigma2=0.0)
+    with pytest.raises(ValueError, match="pi must lie strictly between 0 and 1"):
+        ScaleMixturePrior(pi=1.0)
+    with pytest.raises(ValueError, match=r"'3\.weight'.*parameters are: 0\.weight"):
+        bdl.MeanFieldVI(net, bayesian=["3.weight"])
+    with pytest.raises(
+        ValueError, match=r"cannot serve '1' \(ReLU\).*such layers here: \['0', '2'\]"
+    ):
+        bdl.MeanFieldVI(net, estimator={"1": "local"})
+    with pytest.raises(ValueError, match="unknown estimator 'lrt'.*'local'"):
+        bdl.MeanFieldVI(net, estimator="lrt")
+    with pytest.raises(TypeError, match="Prior"):
+        bdl.MeanFieldVI(net, prior=1.0)
+    with pytest.raises(ValueError, match="init_std"):
+        bdl.MeanFieldVI(net, init_std=0.0)
+    with pytest.raises(ValueError, match="n_train_samples"):
+        bdl.MeanFieldVI(net, n_train_samples=0)
+    assert bdl.MeanFieldVI(net, estimator={"0": Estimator.FLIPOUT}).estimators == {
+        "model.0": Estimator.FLIPOUT
+    }
