@@ -151,7 +151,7 @@ def test_output_noise_estimators_match_weight_sampling_moments(estimator):
     layer = nn.Linear(4, 2).double()
     post = bdl.MeanFieldVI(layer, "gaussian", init_std=0.3, estimator=estimator)
     with torch.no_grad():
-        post.rho.uniform_(-2, 0)
+        post.log_std.uniform_(-2, 0)
     x = torch.randn(1, 4, dtype=f64).expand(2, 4).contiguous()
     outs = []
 
@@ -227,15 +227,15 @@ def test_diagnostics_report_and_collapse_warnings():
     assert report.total_kl == pytest.approx(float(post.kl().detach()), rel=1e-5)
     # a posterior whose stds sit at the floor
     with torch.no_grad():
-        post.rho.fill_(-60.0)
+        post.log_std.fill_(-60.0)
     with pytest.warns(UserWarning, match="collapse to a point"):
         post.diagnostics()
     # a posterior equal to the prior, with a network whose output ignores the input
     flat = nn.Sequential(nn.Linear(1, 2))
-    prior_post = bdl.MeanFieldVI(flat, "gaussian", prior=GaussianPrior(1e-4), init_std=1e-4 - 1e-9)
+    prior_post = bdl.MeanFieldVI(flat, "gaussian", prior=GaussianPrior(1e-4), init_std=1e-4)
     with torch.no_grad():
         prior_post.mu.zero_()
-        prior_post.rho.fill_(math.log(math.expm1(1e-4 - 1e-6)))
+        prior_post.log_std.fill_(math.log(1e-4))
     with pytest.warns(UserWarning, match="collapse to the prior"):
         prior_post.diagnostics(x)
 
@@ -265,3 +265,25 @@ def test_bad_input():
     assert bdl.MeanFieldVI(net, estimator={"0": Estimator.FLIPOUT}).estimators == {
         "model.0": Estimator.FLIPOUT
     }
+
+
+def test_fused_sampling_and_kl_gradients_equal_autograd():
+    from bayesdl.posteriors.mean_field_vi import _SampleWithGaussianKL
+
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(50, generator=g, dtype=f64, requires_grad=True)
+    log_std = (torch.randn(50, generator=g, dtype=f64) - 1).requires_grad_(True)
+    eps = torch.randn(50, generator=g, dtype=f64)
+    upstream = torch.randn(50, generator=g, dtype=f64)
+    w, kl = _SampleWithGaussianKL.apply(mu, log_std, eps, 0.8)
+    ((w * upstream).sum() + 0.3 * kl).backward()
+    fused = (mu.grad.clone(), log_std.grad.clone())
+    mu.grad = log_std.grad = None
+    sigma = log_std.exp()
+    w2 = mu + sigma * eps
+    kl2 = kl_divergence(Normal(mu, sigma), Normal(0.0, 0.8)).sum()
+    torch.testing.assert_close(w, w2)
+    torch.testing.assert_close(kl, kl2)
+    ((w2 * upstream).sum() + 0.3 * kl2).backward()
+    torch.testing.assert_close(fused[0], mu.grad)
+    torch.testing.assert_close(fused[1], log_std.grad)

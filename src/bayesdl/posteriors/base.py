@@ -264,13 +264,16 @@ class Posterior(ABC):
             raise ValueError(f"a batch has {len(x)} inputs but {len(y)} targets.")
         return x, (y.to(self.dtype) if y.is_floating_point() else y).to(self.device)
 
+    def _probe_n_samples(self) -> int:
+        """Draws used to check the output width before training (few: it is only a probe)."""
+        return self._resolve_n_samples(None)
+
     def _record_input_shape(self, x: Tensor) -> None:
         if self.input_shape is not None:
             self._check_input_shape(x)
+            return  # checked when it was recorded
         with torch.no_grad():
-            self.likelihood.check_params(
-                self._sample_outputs(x[:2], self._resolve_n_samples(None), None)
-            )
+            self.likelihood.check_params(self._sample_outputs(x[:2], self._probe_n_samples(), None))
         self.input_shape = tuple(x.shape[1:])
 
     def _check_input_shape(self, x: Tensor) -> None:
