@@ -32,7 +32,12 @@ format: $(STAMP)
 	$(PY) -m ruff format src tests benchmarks examples
 	$(PY) -m ruff check --fix src tests benchmarks examples
 
+# Comparison rows of the VI benchmark use other libraries' Bayesian layers; --no-deps keeps pip
+# from replacing the CPU torch (their metadata asks for torchvision).
+BENCH_LIBS := bayesian-torch==0.5.0 blitz-bayesian-pytorch==0.2.8
+
 bench: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(BENCH_LIBS)
 	$(PY) -m benchmarks.speed
 
 clean:

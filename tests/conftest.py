@@ -12,6 +12,7 @@ import bayesdl as bdl
 # its defaults, so a new method gets the contract test for free.
 FAST_OPTIONS: dict[str, dict] = {
     "deep_ensemble": {"n_members": 3, "seed": 0},
+    "swag": {"rank": 5, "swa_start": 0},  # the contract fits 1-2 epochs: collect from epoch 1
 }
 
 

@@ -24,6 +24,10 @@ ISSUE_CASES = {"ensemble_train_small", "mc_dropout_predict_10k"} | {
     for name in bdl.available_posteriors()
     if name != "deterministic" and name in speed.MLP_BUILDERS
 }
+ISSUE_CASES |= {"laplace_fit_last_layer_kron", "laplace_predict_glm"}
+ISSUE_CASES |= {"vi_train_epoch_mlp", "vi_train_small"}
+# comparison rows appear only where the other libraries are installed (make bench)
+OPTIONAL_CASES = {"vi_train_small_bayesian_torch", "vi_train_small_blitz"}
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +51,18 @@ def test_json_structure(quick_json):
     assert isinstance(quick_json["threads"], int) and quick_json["threads"] >= 1
     names = [row["name"] for row in quick_json["cases"]]
     assert len(names) == len(set(names))
-    assert set(names) == ISSUE_CASES
+    assert ISSUE_CASES <= set(names) <= ISSUE_CASES | OPTIONAL_CASES
 
 
 def test_rows_are_consistent(quick_json):
     for row in quick_json["cases"]:
-        for key in ("seconds", "baseline_seconds", "ratio", "target"):
+        for key in ("seconds", "baseline_seconds", "ratio"):
             assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, row
         assert row["ratio"] == pytest.approx(row["seconds"] / row["baseline_seconds"], rel=1e-12)
-        assert row["met"] == (row["ratio"] <= row["target"])
+        if row["target"] is None:  # a case the issue asks only to report
+            assert row["met"] is None
+        else:
+            assert row["met"] == (row["ratio"] <= row["target"])
         assert row["quick"] is True  # quick output says it is quick
         assert isinstance(row["baseline"], str) and row["baseline"]
 
@@ -63,6 +70,9 @@ def test_rows_are_consistent(quick_json):
 def test_targets_are_the_issues():
     cases, _ = speed.all_cases()
     want = {"ensemble_train_small": 1.5, "mc_dropout_predict_10k": 0.2}
+    want |= {"laplace_fit_last_layer_kron": 1.5, "laplace_predict_glm": 0.05}
+    want |= {"vi_train_epoch_mlp": 1.6, "vi_train_small": None}
+    want |= {name: None for name in OPTIONAL_CASES}
     for name, build in cases.items():
         info = build(True, torch.device("cpu"))[2]
         assert info["target"] == want.get(name, 1.15), name

@@ -26,6 +26,19 @@ def _expected_s(post) -> int:
     return post.default_n_samples if _n(post) is None else S
 
 
+def _unfitted_outputs(post, x, seed: int):
+    """What a posterior that has not been fitted gives: its draws; or, for a method with no
+    posterior before ``fit`` (``requires_fit``: Laplace builds it from the trained network in
+    ``fit``, and predicting earlier must raise), its network's outputs, repeated over draws."""
+    if not getattr(post, "requires_fit", False):
+        return post.sample_outputs(x, _n(post), generator=torch.Generator().manual_seed(seed))
+    with pytest.raises(ValueError, match="fit"):
+        post.sample_outputs(x, _n(post))
+    with torch.no_grad():
+        out = post.network.eval()(torch.as_tensor(x, dtype=post.dtype))
+    return out.expand(_expected_s(post), *out.shape)
+
+
 def test_registry_names():
     names = bdl.available_posteriors()
     assert {"mc_dropout", "deep_ensemble", "deterministic"} <= set(names)
@@ -96,7 +109,7 @@ def test_state_dict_round_trip(method, classification_data):
         warnings.simplefilter("ignore")
         fresh = make_posterior(method, mlp(), seed=99) if method == "deep_ensemble" else None
     fresh = fresh or make_posterior(method, mlp())
-    before = fresh.sample_outputs(x, _n(post), generator=torch.Generator().manual_seed(1))
+    before = _unfitted_outputs(fresh, x, 1)
     fresh.load_state_dict(state)
     want = post.sample_outputs(x, _n(post), generator=torch.Generator().manual_seed(1))
     got = fresh.sample_outputs(x, _n(post), generator=torch.Generator().manual_seed(1))
@@ -163,12 +176,12 @@ def test_bad_input(method, classification_data, regression_data):
 def test_diverging_fit_keeps_last_good_weights(method, regression_data):
     x, y = regression_data
     post = make_posterior(method, mlp(n_out=2), "gaussian")
-    before = post.sample_outputs(x[:4], _n(post), generator=torch.Generator().manual_seed(0))
+    before = _unfitted_outputs(post, x[:4], 0)
     huge = torch.full_like(x, 3e38)  # finite, but overflows float32 in the first layer
     with pytest.raises(bdl.TrainingDivergedError, match="epoch 1") as err:
         post.fit((huge, y), epochs=3, batch_size=16, seed=0)
     assert err.value.last_good_epoch == 0
-    after = post.sample_outputs(x[:4], _n(post), generator=torch.Generator().manual_seed(0))
+    after = _unfitted_outputs(post, x[:4], 0)
     assert torch.isfinite(after).all()
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 

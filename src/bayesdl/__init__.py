@@ -15,8 +15,10 @@ from bayesdl.likelihoods import (
     get_likelihood,
 )
 from bayesdl.posteriors import (
+    SWAG,
     DeepEnsemble,
     Deterministic,
+    Laplace,
     MCDropout,
     MeanFieldVI,
     Posterior,
@@ -30,6 +32,7 @@ from bayesdl.training import History, TrainingDivergedError
 __version__ = "0.1.0"
 
 __all__ = [
+    "SWAG",
     "Categorical",
     "ClassificationPrediction",
     "DeepEnsemble",
@@ -38,6 +41,7 @@ __all__ = [
     "GaussianPrior",
     "History",
     "HomoscedasticGaussian",
+    "Laplace",
     "Likelihood",
     "MCDropout",
     "MeanFieldVI",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from bayesdl.posteriors import available_posteriors
@@ -37,6 +38,12 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--members", type=_positive_int, default=5, help="ensemble size")
     demo.add_argument("--samples", type=_positive_int, default=100, help="MC dropout draws")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--plots",
+        metavar="DIR",
+        default=None,
+        help="also write the demo's figures (PNG) into DIR, created if needed",
+    )
 
     sub.add_parser("methods", help="list the registered posteriors")
     return parser
@@ -52,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     config = DemoConfig(
         epochs=args.epochs, n_members=args.members, n_samples=args.samples, seed=args.seed
     )
-    result = run_demo(config)
+    result = run_demo(config, plots_dir=args.plots)
     print(result_json(result) if args.json else format_table(result))
+    if args.plots is not None and not args.json:
+        print(
+            f"\nfigures written to {args.plots}: "
+            + ", ".join(os.path.basename(p) for p in result["plots"])
+        )
     return 0
 
 

@@ -5,13 +5,20 @@ Train a deterministic network, MC dropout and a deep ensemble on the handwritten
 saw. For each method: accuracy, NLL and ECE on held-out 0-4; how well the max-softmax confidence
 and the epistemic score (mutual information) separate 0-4 from 5-9 (OOD AUROC); and the accuracy
 when the 20% most uncertain cases (highest predictive entropy) are referred to a human.
+
+With ``plots_dir`` the demo also writes its figures there (reliability diagrams, risk-coverage
+curves, histograms of the epistemic score in and out of distribution) and, to show the regression
+side, fits a small deep ensemble to a 1-D heteroscedastic problem and draws its intervals
+(mixture and split-conformal) and its calibration curve before and after variance scaling.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -81,8 +88,17 @@ def _evaluate(
     }
 
 
-def run_demo(config: DemoConfig | None = None, data: DigitsOOD | None = None) -> dict:
-    """Train the three methods and evaluate them; returns the JSON-ready result dict."""
+def run_demo(
+    config: DemoConfig | None = None,
+    data: DigitsOOD | None = None,
+    *,
+    plots_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Train the three methods and evaluate them; returns the JSON-ready result dict.
+
+    With ``plots_dir`` the figures are written there as PNG files (the folder is created) and
+    the result gets a ``"plots"`` entry listing their paths.
+    """
     config = config or DemoConfig()
     data = data or load_digits_ood(seed=config.seed)
     n_features = data.x_train.shape[1]
@@ -114,6 +130,7 @@ def run_demo(config: DemoConfig | None = None, data: DigitsOOD | None = None) ->
         None,
     )
     results: dict[str, dict] = {}
+    predictions: dict[str, tuple[ClassificationPrediction, ClassificationPrediction]] = {}
     for name, (posterior, n_samples) in posteriors.items():
         start = time.perf_counter()
         posterior.fit(train, **fit_options)
@@ -122,7 +139,8 @@ def run_demo(config: DemoConfig | None = None, data: DigitsOOD | None = None) ->
         pred_out = posterior.predict(data.x_ood, n_samples, generator=generator)
         results[name] = _evaluate(pred_in, pred_out, data.y_test, bayesian=name != "deterministic")
         results[name]["seconds"] = round(time.perf_counter() - start, 3)
-    return {
+        predictions[name] = (pred_in, pred_out)
+    result = {
         "dataset": "sklearn-digits: train on 0-4, out-of-distribution 5-9",
         "n_train": len(data.x_train),
         "n_test": len(data.x_test),
@@ -130,6 +148,86 @@ def run_demo(config: DemoConfig | None = None, data: DigitsOOD | None = None) ->
         "config": asdict(config),
         "methods": results,
     }
+    if plots_dir is not None:
+        result["plots"] = write_plots(plots_dir, predictions, data.y_test, config)
+    return result
+
+
+def _regression_task(n: int, generator: torch.Generator, low: float = -3.0, high: float = 3.0):
+    """1-D heteroscedastic data: ``y = sin(x) + (0.1 + 0.1 |x|) noise``, ``x`` uniform."""
+    x = torch.rand(n, 1, generator=generator) * (high - low) + low
+    y = torch.sin(x[:, 0]) + (0.1 + 0.1 * x[:, 0].abs()) * torch.randn(n, generator=generator)
+    return x, y
+
+
+def _regression_figures(config: DemoConfig, folder: Path) -> list[str]:
+    """Fit a small 1-D ensemble; draw its intervals and its calibration before/after scaling."""
+    from bayesdl import calibration, conformal, report
+
+    g = torch.Generator().manual_seed(config.seed)
+    (x, y), (x_cal, y_cal), (x_test, y_test) = (_regression_task(n, g) for n in (400, 300, 600))
+    torch.manual_seed(config.seed)
+    net = nn.Sequential(nn.Linear(1, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    ensemble = DeepEnsemble(net, "gaussian", n_members=config.n_members, seed=config.seed)
+    ensemble.fit((x, y), epochs=3 * config.epochs, batch_size=64, lr=3e-3, seed=config.seed)
+    scaled = calibration.variance_scale(ensemble, x_cal, y_cal)
+    grid = torch.linspace(-5.0, 5.0, 300)[:, None]
+    bands = conformal.conformal_intervals(ensemble, x_cal, y_cal, grid, alpha=0.1)
+    paths = [folder / "regression_intervals.png", folder / "regression_calibration.png"]
+    report.plot_regression_intervals(
+        grid,
+        {"deep_ensemble": ensemble.predict(grid)},
+        level=0.9,
+        observed=(x, y),
+        intervals={"deep_ensemble": (bands.lower, bands.upper)},
+        path=paths[0],
+    )
+    report.plot_regression_calibration(
+        {
+            "deep_ensemble": (ensemble.predict(x_test), y_test),
+            f"variance-scaled (s={scaled.scale:.2f})": (scaled.predict(x_test), y_test),
+        },
+        path=paths[1],
+    )
+    return [str(p) for p in paths]
+
+
+def write_plots(
+    plots_dir: str | os.PathLike,
+    predictions: dict[str, tuple[ClassificationPrediction, ClassificationPrediction]],
+    y_test: torch.Tensor,
+    config: DemoConfig,
+) -> list[str]:
+    """Write the demo's figures (PNG) into ``plots_dir`` and return their paths."""
+    from bayesdl import report  # matplotlib is needed only here
+
+    folder = Path(plots_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "reliability": folder / "reliability.png",
+        "risk_coverage": folder / "risk_coverage.png",
+        "epistemic": folder / "epistemic_ood.png",
+    }
+    report.plot_reliability_diagram(
+        {name: (p_in.probs, y_test) for name, (p_in, _) in predictions.items()},
+        path=paths["reliability"],
+    )
+    report.plot_risk_coverage(
+        {
+            name: (p_in.total, (p_in.label != y_test).to(p_in.probs.dtype))
+            for name, (p_in, _) in predictions.items()
+        },
+        path=paths["risk_coverage"],
+    )
+    report.plot_epistemic_histograms(
+        {
+            name: (p_in.epistemic, p_out.epistemic)
+            for name, (p_in, p_out) in predictions.items()
+            if name != "deterministic"
+        },
+        path=paths["epistemic"],
+    )
+    return [str(p) for p in paths.values()] + _regression_figures(config, folder)
 
 
 def format_table(result: dict) -> str:

@@ -8,6 +8,9 @@ device and in the dtype of ``probs``.
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -25,7 +28,19 @@ from bayesdl.metrics._validation import (
     check_same_length,
 )
 
-__all__ = ["accuracy", "brier", "calibration_bins", "ece", "mce", "nll"]
+__all__ = [
+    "Binning",
+    "ReliabilityCurve",
+    "accuracy",
+    "adaptive_ece",
+    "brier",
+    "calibration_bins",
+    "classwise_ece",
+    "ece",
+    "mce",
+    "nll",
+    "reliability_curve",
+]
 
 #: How far a row of ``probs`` may sum from 1 before it is rejected.
 SIMPLEX_ATOL = 1e-4
@@ -131,12 +146,27 @@ def _calibration_bins(
     confidence: Tensor, correct: Tensor, n_bins: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Unchecked core of :func:`calibration_bins` (inputs already validated)."""
-    dtype = confidence.dtype
+    return _bin_means(_uniform_bin_index(confidence, n_bins), confidence, correct, n_bins)
+
+
+def _uniform_edges(n_bins: int, like: Tensor) -> Tensor:
     # Edges i / n_bins, each correctly rounded, so that a confidence written as the same decimal
     # (e.g. 0.3 with 10 bins) lands exactly on its edge and goes in the bin below it.
-    edges = torch.arange(n_bins + 1, dtype=dtype, device=confidence.device) / n_bins
+    return torch.arange(n_bins + 1, dtype=like.dtype, device=like.device) / n_bins
+
+
+def _uniform_bin_index(confidence: Tensor, n_bins: int) -> Tensor:
+    """Equal-width bin of each confidence, ``(B,)`` long: bin ``i`` is ``(i/n, (i+1)/n]``."""
+    edges = _uniform_edges(n_bins, confidence)
     # First edge >= confidence is edge i+1 for confidence in (i/n, (i+1)/n]; 0 goes in bin 0.
-    index = (torch.searchsorted(edges, confidence, right=False) - 1).clamp(0, n_bins - 1)
+    return (torch.searchsorted(edges, confidence, right=False) - 1).clamp(0, n_bins - 1)
+
+
+def _bin_means(
+    index: Tensor, confidence: Tensor, correct: Tensor, n_bins: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Counts, mean ``correct`` and mean ``confidence`` per bin given each example's bin."""
+    dtype = confidence.dtype
     counts = torch.bincount(index, minlength=n_bins)
     zeros = torch.zeros(n_bins, dtype=dtype, device=confidence.device)
     correct_sum = zeros.scatter_add(0, index, correct.to(dtype))
@@ -249,3 +279,168 @@ def mce(probs: Tensor, y: Tensor, n_bins: int = 15) -> Tensor:
     """
     counts, gaps = _binned_gaps(probs, y, n_bins)
     return gaps[counts > 0].max()
+
+
+# ---------------------------------------------------------------- reliability, adaptive, classwise
+
+
+class Binning(str, Enum):
+    """How the confidences of a reliability diagram are binned."""
+
+    #: ``n_bins`` equal-width bins on ``[0, 1]``, as in :func:`calibration_bins`.
+    UNIFORM = "uniform"
+    #: ``n_bins`` bins holding equally many examples (sizes differ by at most one).
+    EQUAL_MASS = "equal_mass"
+
+
+class ReliabilityCurve(NamedTuple):
+    """The data of a reliability diagram (top-label), one entry per bin.
+
+    Attributes
+    ----------
+    edges:
+        Bin edges, shape ``(n_bins + 1,)``, from 0 to 1, non-decreasing.
+    counts:
+        Examples per bin, shape ``(n_bins,)``, ``int64``.
+    accuracy:
+        Fraction correct per bin, shape ``(n_bins,)``; 0 for an empty bin.
+    confidence:
+        Mean confidence per bin, shape ``(n_bins,)``; 0 for an empty bin.
+    """
+
+    edges: Tensor
+    counts: Tensor
+    accuracy: Tensor
+    confidence: Tensor
+
+
+def _resolve_binning(binning: object) -> Binning:
+    try:
+        return Binning(binning)
+    except ValueError:
+        choices = ", ".join(repr(b.value) for b in Binning)
+        raise ValueError(f"unknown binning {binning!r}; choose one of {choices}.") from None
+
+
+def _equal_mass_bins(confidence: Tensor, n_bins: int) -> tuple[Tensor, Tensor]:
+    """Bin index ``(B,)`` and edges ``(n_bins + 1,)`` of equal-mass bins of ``confidence``.
+
+    Examples are ordered by a stable ascending sort; the first ``B mod n_bins`` bins get
+    ``ceil(B / n_bins)`` examples and the rest ``floor(B / n_bins)`` (``numpy.array_split``), so
+    bins past the ``B``-th are empty when ``n_bins > B``. Interior edges lie half-way between
+    the last confidence of one bin and the first of the next (1 after the last non-empty bin).
+    """
+    batch = len(confidence)
+    sorted_conf, order = torch.sort(confidence, stable=True)
+    device = confidence.device
+    sizes = batch // n_bins + (torch.arange(n_bins, device=device) < batch % n_bins).long()
+    index = torch.empty(batch, dtype=torch.long, device=device)
+    index[order] = torch.repeat_interleave(torch.arange(n_bins, device=device), sizes)
+    starts = (sizes.cumsum(0) - sizes)[1:]
+    inside = starts < batch
+    safe = starts.clamp_max(batch - 1)
+    midpoints = 0.5 * (sorted_conf[(safe - 1).clamp_min(0)] + sorted_conf[safe])
+    interior = torch.where(inside, midpoints, torch.ones_like(midpoints))
+    ends = torch.tensor([0.0, 1.0], dtype=confidence.dtype, device=device)
+    return index, torch.cat([ends[:1], interior, ends[1:]])
+
+
+def reliability_curve(
+    probs: Tensor, y: Tensor, n_bins: int = 15, binning: Binning | str = Binning.UNIFORM
+) -> ReliabilityCurve:
+    """Per-bin accuracy against confidence of the argmax prediction: a reliability diagram.
+
+    The confidence of an example is its largest probability; it is correct when the argmax
+    (ties: lowest index) equals the label. ``binning="uniform"`` gives the bins of
+    :func:`calibration_bins` (so ``sum(counts / B * |accuracy - confidence|)`` is :func:`ece`);
+    ``"equal_mass"`` gives bins of equally many examples (that sum is :func:`adaptive_ece`).
+
+    Parameters
+    ----------
+    probs:
+        Predicted class probabilities, shape ``(B, C)``; rows sum to 1.
+    y:
+        Integer class labels in ``[0, C)``, shape ``(B,)``.
+    n_bins:
+        Number of bins, a positive int.
+    binning:
+        A :class:`Binning` or its value.
+
+    Returns
+    -------
+    ReliabilityCurve
+        ``(edges, counts, accuracy, confidence)``; see :class:`ReliabilityCurve`.
+    """
+    n_bins = check_positive_int(n_bins, "n_bins")
+    binning = _resolve_binning(binning)
+    probs, y = _check_probs_labels(probs, y)
+    confidence, prediction = probs.max(-1)
+    if binning is Binning.UNIFORM:
+        index, edges = _uniform_bin_index(confidence, n_bins), _uniform_edges(n_bins, confidence)
+    else:
+        index, edges = _equal_mass_bins(confidence, n_bins)
+    counts, accuracy, mean_confidence = _bin_means(index, confidence, prediction == y, n_bins)
+    return ReliabilityCurve(edges, counts, accuracy, mean_confidence)
+
+
+def adaptive_ece(probs: Tensor, y: Tensor, n_bins: int = 15) -> Tensor:
+    """Adaptive (equal-mass) expected calibration error of the argmax prediction.
+
+    ``sum_b (n_b / B) |acc_b - conf_b|`` as in :func:`ece`, but over ``n_bins`` bins that each
+    hold (up to one) the same number of examples, taken in order of increasing confidence
+    (Nixon et al., 2019): the estimate is not dominated by a few crowded high-confidence bins.
+    Examples with equal confidence may fall in neighbouring bins (the stable sort keeps their
+    input order).
+
+    Parameters
+    ----------
+    probs:
+        Predicted class probabilities, shape ``(B, C)``; rows sum to 1.
+    y:
+        Integer class labels in ``[0, C)``, shape ``(B,)``.
+    n_bins:
+        Number of equal-mass bins.
+
+    Returns
+    -------
+    Tensor
+        0-d tensor in ``[0, 1]``.
+    """
+    curve = reliability_curve(probs, y, n_bins, Binning.EQUAL_MASS)
+    gaps = (curve.accuracy - curve.confidence).abs()
+    return (curve.counts.to(gaps.dtype) * gaps).sum() / curve.counts.sum()
+
+
+def classwise_ece(probs: Tensor, y: Tensor, n_bins: int = 15) -> Tensor:
+    """Class-wise expected calibration error: the ECE of every class's probability, averaged.
+
+    For each class ``c`` the probabilities ``p_ic`` of all ``B`` examples are put in the
+    equal-width bins of :func:`calibration_bins`, and
+    ``ECE_c = sum_b (n_b / B) |freq_b - conf_b|`` with ``freq_b`` the fraction of the bin whose
+    label is ``c`` and ``conf_b`` its mean ``p_ic``. The result is ``1/C sum_c ECE_c``
+    (Kull et al., 2019): it checks every probability, not only the top one.
+
+    Parameters
+    ----------
+    probs:
+        Predicted class probabilities, shape ``(B, C)``; rows sum to 1.
+    y:
+        Integer class labels in ``[0, C)``, shape ``(B,)``.
+    n_bins:
+        Number of equal-width bins per class.
+
+    Returns
+    -------
+    Tensor
+        0-d tensor in ``[0, 1]``.
+    """
+    n_bins = check_positive_int(n_bins, "n_bins")
+    probs, y = _check_probs_labels(probs, y)
+    batch, n_classes = probs.shape
+    classes = torch.arange(n_classes, device=probs.device)
+    confidence = probs.T.reshape(-1)  # class-major: (C * B,)
+    is_class = (y[None, :] == classes[:, None]).reshape(-1)
+    index = _uniform_bin_index(confidence, n_bins) + (classes * n_bins).repeat_interleave(batch)
+    counts, freq, mean_p = _bin_means(index, confidence, is_class, n_classes * n_bins)
+    weighted = counts.to(probs.dtype) * (freq - mean_p).abs()
+    return weighted.sum() / (batch * n_classes)

@@ -9,12 +9,16 @@ from bayesdl.posteriors.base import (
 )
 from bayesdl.posteriors.deep_ensemble import DeepEnsemble
 from bayesdl.posteriors.deterministic import Deterministic
+from bayesdl.posteriors.laplace import Laplace
 from bayesdl.posteriors.mc_dropout import MCDropout
 from bayesdl.posteriors.mean_field_vi import MeanFieldVI
+from bayesdl.posteriors.swag import SWAG
 
 __all__ = [
+    "SWAG",
     "DeepEnsemble",
     "Deterministic",
+    "Laplace",
     "MCDropout",
     "MeanFieldVI",
     "Network",

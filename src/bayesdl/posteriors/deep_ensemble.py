@@ -8,10 +8,14 @@ trainings run as one vectorised program, not ``M`` sequential ones. Adam is elem
 optimising the stacked leaves with the summed loss is exactly ``M`` independent trainings. The
 posterior is the uniform mixture over the members, so ``sample_outputs`` returns the ``M``
 members' outputs.
+
+The stacked members themselves (initialisation, the vectorised objective, saving and loading)
+live in :class:`StackedMembers`, which MultiSWAG (:mod:`bayesdl.posteriors.swag`) shares.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -22,7 +26,7 @@ from bayesdl.likelihoods import Likelihood
 from bayesdl.posteriors.base import Network, Posterior, register
 from bayesdl.posteriors.stacked import StackedModule
 
-__all__ = ["DeepEnsemble"]
+__all__ = ["DeepEnsemble", "StackedMembers"]
 
 
 def _reinitialize(network: Network, seed: int) -> None:
@@ -38,7 +42,7 @@ def _reinitialize(network: Network, seed: int) -> None:
 class _EnsembleObjective:
     """Sum of the members' mean NLLs; the loop sees one loss per member, shape ``(M,)``."""
 
-    def __init__(self, ensemble: DeepEnsemble) -> None:
+    def __init__(self, ensemble: StackedMembers) -> None:
         self.ensemble = ensemble
         self.n_orders = ensemble.n_members if ensemble.independent_data_order else 1
 
@@ -59,8 +63,108 @@ class _EnsembleObjective:
         return self.ensemble._member_losses(x, y, None)
 
 
+class StackedMembers(Posterior):
+    """Abstract base: ``n_members`` copies of the user's network trained as one vectorised program.
+
+    It owns the stacked members (``_stack``, ``_params``, ``_buffers``: tensors ``(M, ...)``),
+    their objective (one loss per member) and their saved state; a subclass says how the members
+    become posterior draws (``_sample_outputs``). See :class:`DeepEnsemble` for the parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood,
+        *,
+        n_members: int,
+        independent_data_order: bool,
+        reinitialize: bool,
+        seed: int | None,
+    ) -> None:
+        super().__init__(model, likelihood)
+        if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 1:
+            raise ValueError(f"n_members must be a positive integer, got {n_members!r}.")
+        self.n_members = n_members
+        self.independent_data_order = bool(independent_data_order)
+        if seed is None:
+            seed = int(torch.randint(2**31, ()).item())
+        members = []
+        for m in range(n_members):
+            member = copy.deepcopy(self.network)
+            if reinitialize:
+                _reinitialize(member, seed + m)
+            members.append(member)
+        self._stack = StackedModule.from_copies(members)
+        self._params = self._stack.params
+        self._buffers = self._stack.buffers
+        if reinitialize and n_members > 1:
+            self._warn_shared_parameters()
+
+    def _warn_shared_parameters(self) -> None:
+        resettable = {
+            f"model.{n}" if n else "model"
+            for n, m in self.model.named_modules()
+            if callable(getattr(m, "reset_parameters", None))
+        }
+        same = [
+            name
+            for name, p in self._params.items()
+            if name.startswith("model.")
+            and name.rpartition(".")[0] not in resettable  # e.g. BatchNorm resets to constants
+            and bool((p == p[:1]).all())
+        ]
+        if same:
+            warnings.warn(
+                f"these parameters start equal in every member because their module has no "
+                f"reset_parameters(): {same}. Give the module a reset_parameters() method so "
+                "the members are initialised independently.",
+                stacklevel=4,
+            )
+
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """The members in evaluation mode (dropout off, BatchNorm on its running statistics)."""
+        was_training = self._stack.training
+        self._stack.train(False)
+        try:
+            yield
+        finally:
+            self._stack.train(was_training)
+
+    def _member_outputs(self, x: Tensor, data_dim: int | None) -> Tensor:
+        """Outputs of every member, ``(M, B, K)``; ``x`` is ``(B, ...)`` or ``(M, B, ...)``."""
+        return self._stack(x, batched_input=data_dim is not None)
+
+    def _member_losses(self, x: Tensor, y: Tensor, data_dim: int | None) -> Tensor:
+        # Only the network runs under vmap; the likelihood broadcasts over the member axis.
+        return self.likelihood.nll(self._member_outputs(x, data_dim), y).mean(-1)
+
+    def _objective(self) -> _EnsembleObjective:
+        return _EnsembleObjective(self)
+
+    def _extra_state(self) -> dict[str, Tensor]:
+        return {
+            **{f"members.params.{k}": v.detach() for k, v in self._params.items()},
+            **{f"members.buffers.{k}": v for k, v in self._buffers.items()},
+        }
+
+    def _load_extra_state(self, state: dict[str, Tensor]) -> None:
+        own = self._extra_state()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {missing}, unexpected keys {unexpected}")
+        for key, target in own.items():
+            if state[key].shape != target.shape:
+                raise RuntimeError(
+                    f"{key} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}"
+                )
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(state[key])
+
+
 @register
-class DeepEnsemble(Posterior):
+class DeepEnsemble(StackedMembers):
     """An ensemble of ``n_members`` independently initialised copies of ``model``.
 
     Parameters
@@ -97,49 +201,18 @@ class DeepEnsemble(Posterior):
         reinitialize: bool = True,
         seed: int | None = None,
     ) -> None:
-        super().__init__(model, likelihood)
-        if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 1:
-            raise ValueError(f"n_members must be a positive integer, got {n_members!r}.")
-        self.n_members = n_members
-        self.independent_data_order = bool(independent_data_order)
-        if seed is None:
-            seed = int(torch.randint(2**31, ()).item())
-        members = []
-        for m in range(n_members):
-            member = copy.deepcopy(self.network)
-            if reinitialize:
-                _reinitialize(member, seed + m)
-            members.append(member)
-        self._stack = StackedModule.from_copies(members)
-        self._params = self._stack.params
-        self._buffers = self._stack.buffers
-        if reinitialize and n_members > 1:
-            self._warn_shared_parameters()
+        super().__init__(
+            model,
+            likelihood,
+            n_members=n_members,
+            independent_data_order=independent_data_order,
+            reinitialize=reinitialize,
+            seed=seed,
+        )
 
     @property
     def default_n_samples(self) -> int:  # type: ignore[override]
         return self.n_members
-
-    def _warn_shared_parameters(self) -> None:
-        resettable = {
-            f"model.{n}" if n else "model"
-            for n, m in self.model.named_modules()
-            if callable(getattr(m, "reset_parameters", None))
-        }
-        same = [
-            name
-            for name, p in self._params.items()
-            if name.startswith("model.")
-            and name.rpartition(".")[0] not in resettable  # e.g. BatchNorm resets to constants
-            and bool((p == p[:1]).all())
-        ]
-        if same:
-            warnings.warn(
-                f"these parameters start equal in every member because their module has no "
-                f"reset_parameters(): {same}. Give the module a reset_parameters() method so "
-                "the members are initialised independently.",
-                stacklevel=3,
-            )
 
     def _resolve_n_samples(self, n_samples: int | None) -> int:
         if n_samples is not None and n_samples != self.n_members:
@@ -149,43 +222,8 @@ class DeepEnsemble(Posterior):
             )
         return self.n_members
 
-    def _member_outputs(self, x: Tensor, data_dim: int | None) -> Tensor:
-        """Outputs of every member, ``(M, B, K)``; ``x`` is ``(B, ...)`` or ``(M, B, ...)``."""
-        return self._stack(x, batched_input=data_dim is not None)
-
-    def _member_losses(self, x: Tensor, y: Tensor, data_dim: int | None) -> Tensor:
-        # Only the network runs under vmap; the likelihood broadcasts over the member axis.
-        return self.likelihood.nll(self._member_outputs(x, data_dim), y).mean(-1)
-
-    def _objective(self) -> _EnsembleObjective:
-        return _EnsembleObjective(self)
-
     def _sample_outputs(
         self, x: Tensor, n_samples: int, generator: torch.Generator | None
     ) -> Tensor:
-        was_training = self._stack.training
-        self._stack.train(False)
-        try:
+        with self._evaluating():
             return self._member_outputs(x, None)
-        finally:
-            self._stack.train(was_training)
-
-    def _extra_state(self) -> dict[str, Tensor]:
-        return {
-            **{f"members.params.{k}": v.detach() for k, v in self._params.items()},
-            **{f"members.buffers.{k}": v for k, v in self._buffers.items()},
-        }
-
-    def _load_extra_state(self, state: dict[str, Tensor]) -> None:
-        own = self._extra_state()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise RuntimeError(f"missing keys {missing}, unexpected keys {unexpected}")
-        for key, target in own.items():
-            if state[key].shape != target.shape:
-                raise RuntimeError(
-                    f"{key} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}"
-                )
-        with torch.no_grad():
-            for key, target in own.items():
-                target.copy_(state[key])
