@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from bayesdl._random import MIN_PARALLEL, randn
 from bayesdl.likelihoods import Likelihood
 from bayesdl.posteriors.base import Posterior, register
 from bayesdl.posteriors.stacked import StackedCall, StackedModule
@@ -182,8 +183,8 @@ class MeanFieldVI(Posterior):
     n_train_samples:
         Weight draws per training step (their NLLs are averaged).
     chunk_size:
-        Draws per vectorised pass at prediction (``None``: about 2^11 rows per pass, so a
-        chunk of sampled weights and its activations stay near cache size).
+        Weight sets sampled at once at prediction (``None``: enough for a parallel draw of the
+        noise; they are then applied in chunks of about 2^11 rows, near cache size).
     """
 
     name = "mean_field_vi"
@@ -233,6 +234,8 @@ class MeanFieldVI(Posterior):
         self.n_train_samples = n_train_samples
         self.chunk_size = chunk_size
         self._epoch = 1
+        self._noise: Tensor | None = None
+        self._noise_next = 0
 
         names = self._resolve_bayesian(bayesian)
         params = dict(self.network.named_parameters())
@@ -356,9 +359,7 @@ class MeanFieldVI(Posterior):
         local = self.estimators
         if not local and s > 1:  # S whole weight sets at once
             sigma = self.sigma
-            w = self.mu + sigma * torch.randn(
-                s, self.n_bayesian, dtype=sigma.dtype, device=sigma.device
-            )
+            w = self.mu + sigma * randn(s, self.n_bayesian, dtype=sigma.dtype, device=sigma.device)
             views = self._views(w)
             tensors = tuple(
                 views[n] if n in views else p.expand(s, *p.shape)
@@ -369,13 +370,13 @@ class MeanFieldVI(Posterior):
             kl = self.prior.kl(self.mu, sigma, None if self.prior.closed_form else w[0])
             return nll, kl
         if not local and s == 1 and type(self.prior) is GaussianPrior and not self.min_std:
-            eps = torch.randn_like(self.mu)  # the fused fast path
+            eps = self._next_noise()  # the fused fast path
             w, kl = _SampleWithGaussianKL.apply(self.mu, self.log_std, eps, self.prior.scale)
             views = self._views(w)
             out = self._swap(tuple(views[n] for n in self.bayesian_names), x)
             return self.likelihood.nll(out, y).mean(), kl
         sigma = self.sigma
-        w = torch.addcmul(self.mu, sigma, torch.randn_like(self.mu))
+        w = torch.addcmul(self.mu, sigma, self._next_noise())
         mean_views = self._views(self.mu) if local else {}
         sigma_views = self._views(sigma) if local else {}
         views = self._views(w)
@@ -413,8 +414,23 @@ class MeanFieldVI(Posterior):
     def _probe_n_samples(self) -> int:
         return 1
 
+    def _next_noise(self) -> Tensor:
+        """The next standard-normal vector ``(P,)`` for one training step's weight draw.
+
+        Drawn in blocks of several steps, so that each block is large enough to be filled in
+        parallel (:mod:`bayesdl._random`); the sequence depends only on the seeded generator.
+        """
+        if self._noise is None or self._noise_next == len(self._noise):
+            p = self.n_bayesian
+            block = min(64, max(1, -(-MIN_PARALLEL // p)))
+            self._noise = randn(block, p, dtype=self.mu.dtype, device=self.mu.device)
+            self._noise_next = 0
+        self._noise_next += 1
+        return self._noise[self._noise_next - 1]
+
     def _objective(self) -> _VIObjective:
         self._epoch = 1
+        self._noise = None  # a new fit draws its noise from its own (seeded) generator state
         return _VIObjective(self)
 
     def fit(self, data, *, val_data=None, **training_options):
@@ -440,14 +456,16 @@ class MeanFieldVI(Posterior):
         buffers = list(self.network.buffers())
         sigma = self.sigma.detach()
         mu = self.mu.detach()
-        chunk = self.chunk_size or max(1, _DEFAULT_CHUNK_ROWS // x.shape[0])
+        # Draw the noise of several weight sets at once (large draws are filled in parallel,
+        # see bayesdl._random); the stacked call then runs them in cache-sized chunks of rows.
+        chunk = self.chunk_size or max(
+            _DEFAULT_CHUNK_ROWS // x.shape[0], -(-MIN_PARALLEL // mu.numel())
+        )
         outs = []
         try:
             for start in range(0, n_samples, chunk):
                 s = min(chunk, n_samples - start)
-                eps = torch.randn(
-                    s, mu.numel(), generator=generator, dtype=mu.dtype, device=mu.device
-                )
+                eps = randn(s, mu.numel(), generator=generator, dtype=mu.dtype, device=mu.device)
                 views = self._views(torch.addcmul(mu, sigma, eps))
                 tensors = tuple(
                     views[n] if n in views else p.detach().expand(s, *p.shape)

@@ -52,6 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 from bayesdl import training
+from bayesdl._random import randn
 from bayesdl.data import as_inputs
 from bayesdl.likelihoods import Likelihood
 from bayesdl.posteriors.base import register
@@ -410,8 +411,8 @@ class SWAG(StackedMembers):
         like = {"dtype": self.dtype, "device": self.device, "generator": generator}
         for first in range(0, per_member, chunk):
             c = min(chunk, per_member - first)
-            z1 = torch.randn(m, c, p, **like)
-            z2 = None if dev is None else torch.randn(m, c, k, **like)
+            z1 = randn(m, c, p, **like)
+            z2 = None if dev is None else randn(m, c, k, **like)
             params = []
             for _, lo, hi, shape in self._layout:
                 block = torch.addcmul(
