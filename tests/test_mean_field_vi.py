@@ -266,14 +266,14 @@ def test_bad_input():
 
 
 def test_fused_sampling_and_kl_gradients_equal_autograd():
-    from bayesdl.posteriors.mean_field_vi import _SampleWithGaussianKL
+    from bayesdl.posteriors.vi_estimators import SampleWithGaussianKL
 
     g = torch.Generator().manual_seed(3)
     mu = torch.randn(50, generator=g, dtype=f64, requires_grad=True)
     log_std = (torch.randn(50, generator=g, dtype=f64) - 1).requires_grad_(True)
     eps = torch.randn(50, generator=g, dtype=f64)
     upstream = torch.randn(50, generator=g, dtype=f64)
-    w, kl = _SampleWithGaussianKL.apply(mu, log_std, eps, 0.8)
+    w, kl = SampleWithGaussianKL.apply(mu, log_std, eps, 0.8)
     ((w * upstream).sum() + 0.3 * kl).backward()
     fused = (mu.grad.clone(), log_std.grad.clone())
     mu.grad = log_std.grad = None
@@ -285,3 +285,27 @@ def test_fused_sampling_and_kl_gradients_equal_autograd():
     ((w2 * upstream).sum() + 0.3 * kl2).backward()
     torch.testing.assert_close(fused[0], mu.grad)
     torch.testing.assert_close(fused[1], log_std.grad)
+
+
+def test_local_reparameterisation_moments_for_a_convolution():
+    """Output channels equal to the output length (3 and 3), so a bias broadcast on the wrong
+    axis would show."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(2, 3, kernel_size=3).double()
+    net = nn.Sequential(conv, nn.Flatten(), nn.Linear(9, 2).double())
+    post = bdl.MeanFieldVI(net, "gaussian", init_std=0.3, estimator={"0": "local"})
+    with torch.no_grad():
+        post.log_std.uniform_(-2, 0)
+    x = torch.randn(1, 2, 5, dtype=f64).expand(20000, 2, 5).contiguous()
+    outs = []
+    handle = conv.register_forward_hook(lambda m, i, o: outs.append(o.detach()))
+    post.negative_elbo(x, torch.zeros(20000, dtype=f64), 20000)
+    handle.remove()
+    out = outs[0]
+    mean, sig = post._views(post.mu.detach()), post._views(post.sigma.detach())
+    f = torch.nn.functional.conv1d
+    want_mean = f(x[:1], mean["model.0.weight"], mean["model.0.bias"])[0]
+    want_var = f(x[:1] ** 2, sig["model.0.weight"] ** 2, sig["model.0.bias"] ** 2)[0]
+    se = (want_var / len(out)).sqrt()
+    assert ((out.mean(0) - want_mean).abs() < 5 * se).all()
+    torch.testing.assert_close(out.var(0), want_var, rtol=0.05, atol=0)

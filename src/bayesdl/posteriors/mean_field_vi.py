@@ -27,72 +27,25 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from bayesdl._random import MIN_PARALLEL, randn
 from bayesdl.likelihoods import Likelihood
 from bayesdl.posteriors.base import Posterior, register
 from bayesdl.posteriors.stacked import StackedCall, StackedModule
+from bayesdl.posteriors.vi_estimators import (
+    LOCAL_LAYERS,
+    Estimator,
+    LocalNoise,
+    SampleWithGaussianKL,
+)
 from bayesdl.priors import GaussianPrior, Prior
 
 __all__ = ["Estimator", "MeanFieldVI", "VIDiagnostics"]
 
-_LOCAL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_LOCAL_FUNCS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
 _DEFAULT_CHUNK_ROWS = 2**11
-
-
-class Estimator(str, Enum):
-    """Gradient estimators of the expected log-likelihood during training."""
-
-    #: Sample the weights, ``w = mu + sigma * eps`` (any layer).
-    REPARAMETERIZATION = "reparameterization"
-    #: Sample the pre-activations of Linear/Conv layers from their Gaussian (Kingma et al. 2015):
-    #: independent noise per example, lower variance, no weight sampling.
-    LOCAL = "local"
-    #: One weight perturbation per batch, decorrelated across examples by random sign flips
-    #: (Wen et al. 2018), for Linear/Conv layers.
-    FLIPOUT = "flipout"
-
-
-class _SampleWithGaussianKL(torch.autograd.Function):
-    """``w = mu + exp(log_std) * eps`` and the closed-form KL to ``N(0, scale^2)``.
-
-    The same maths as composing the ops with autograd, in about a third of the passes over the
-    ``P`` parameters and with one transcendental function (``exp``): the KL uses dot products and
-    ``sum(log sigma) = sum(log_std)``, and the backward writes the analytic gradients
-    (``dKL/dmu = mu / s^2``, ``dKL/dlog_std = sigma^2 / s^2 - 1``, ``dsigma/dlog_std = sigma``)
-    in place. On a CPU this elementwise work, not the matrix products, dominates a training step
-    of a mean-field network.
-    """
-
-    @staticmethod
-    def forward(ctx, mu, log_std, eps, scale: float):
-        sigma = log_std.exp()
-        w = torch.addcmul(mu, sigma, eps)
-        inv_s2 = 1.0 / scale**2
-        kl = (
-            0.5 * inv_s2 * (torch.dot(sigma, sigma) + torch.dot(mu, mu))
-            - log_std.sum()
-            + mu.numel() * (math.log(scale) - 0.5)
-        )
-        ctx.save_for_backward(mu, eps, sigma)
-        ctx.inv_s2 = inv_s2
-        return w, kl
-
-    @staticmethod
-    def backward(ctx, grad_w, grad_kl):
-        mu, eps, sigma = ctx.saved_tensors
-        c = float(grad_kl)
-        grad_mu = torch.add(grad_w, mu, alpha=c * ctx.inv_s2)
-        grad_log_std = grad_w * eps
-        grad_log_std.mul_(sigma).addcmul_(sigma, sigma, value=c * ctx.inv_s2).sub_(c)
-        return grad_mu, grad_log_std, None, None
 
 
 @dataclass
@@ -113,42 +66,6 @@ class VIDiagnostics:
     rows: list[dict] = field(default_factory=list)
     total_kl: float = 0.0
     warnings: list[str] = field(default_factory=list)
-
-
-class _Local(TorchFunctionMode):
-    """Serve F.linear / F.convNd calls whose weight is a Bayesian mean with output noise."""
-
-    def __init__(self, table: dict[int, tuple[Tensor, Tensor | None, Estimator]]) -> None:
-        super().__init__()
-        self.table = table
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _LOCAL_FUNCS and len(args) >= 2 and id(args[1]) in self.table:
-            sigma_w, sigma_b, estimator = self.table[id(args[1])]
-            x, mu_w = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
-            rest = args[3:]
-            mean = func(x, mu_w, bias, *rest, **kwargs)
-            if estimator is Estimator.LOCAL:
-                var = func(x * x, sigma_w * sigma_w, None, *rest, **kwargs)
-                if sigma_b is not None:
-                    var = var + _channel_view(sigma_b * sigma_b, var)
-                return mean + var.clamp_min(1e-30).sqrt() * torch.randn_like(mean)
-            # Flipout: one perturbation for the batch, decorrelated per example by sign flips.
-            sign_in = torch.empty_like(x).bernoulli_(0.5).mul_(2).sub_(1)
-            sign_out = torch.empty_like(mean).bernoulli_(0.5).mul_(2).sub_(1)
-            delta_w = sigma_w * torch.randn_like(sigma_w)
-            delta_b = None if sigma_b is None else sigma_b * torch.randn_like(sigma_b)
-            return mean + func(x * sign_in, delta_w, delta_b, *rest, **kwargs) * sign_out
-        return func(*args, **kwargs)
-
-
-def _channel_view(b: Tensor, like: Tensor) -> Tensor:
-    """Bias-shaped ``(C,)`` broadcast against outputs ``(N, C, ...)`` or ``(..., C)``."""
-    if like.ndim >= 3 and like.shape[1] == b.shape[0] and like.shape[-1] != b.shape[0]:
-        return b.reshape(1, -1, *([1] * (like.ndim - 2)))
-    return b
 
 
 @register
@@ -284,7 +201,7 @@ class MeanFieldVI(Posterior):
         eligible = {
             name: m
             for name, m in modules.items()
-            if isinstance(m, _LOCAL_LAYERS) and f"{name}.weight" in bayes
+            if isinstance(m, LOCAL_LAYERS) and f"{name}.weight" in bayes
         }
 
         def parse(value) -> Estimator:
@@ -371,7 +288,7 @@ class MeanFieldVI(Posterior):
             return nll, kl
         if not local and s == 1 and type(self.prior) is GaussianPrior and not self.min_std:
             eps = self._next_noise()  # the fused fast path
-            w, kl = _SampleWithGaussianKL.apply(self.mu, self.log_std, eps, self.prior.scale)
+            w, kl = SampleWithGaussianKL.apply(self.mu, self.log_std, eps, self.prior.scale)
             views = self._views(w)
             out = self._swap(tuple(views[n] for n in self.bayesian_names), x)
             return self.likelihood.nll(out, y).mean(), kl
@@ -396,7 +313,7 @@ class MeanFieldVI(Posterior):
             else (x.repeat(s, *[1] * (x.ndim - 1)), y.repeat(s, *[1] * (y.ndim - 1)))
         )
         if table:
-            with _Local(table):
+            with LocalNoise(table):
                 out = self._swap(tensors, xs)
         else:
             out = self._swap(tensors, xs)
