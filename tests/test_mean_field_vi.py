@@ -55,11 +55,14 @@ def test_gaussian_kl_equals_torch_distributions():
     mu = torch.randn(40, generator=g, dtype=f64)
     sigma = torch.rand(40, generator=g, dtype=f64) + 0.05
     for scale in (0.3, 1.0, 2.5):
-        want = kl_divergence(Normal(mu, sigma), Normal(torch.zeros_like(mu), scale)).sum()
+        want = kl_divergence(
+            Normal(mu, sigma), Normal(torch.zeros_like(mu), torch.tensor(scale, dtype=f64))
+        ).sum()
         torch.testing.assert_close(gaussian_kl(mu, sigma, scale), want)
         torch.testing.assert_close(GaussianPrior(scale).kl(mu, sigma), want)
         torch.testing.assert_close(
-            GaussianPrior(scale).log_prob(mu), Normal(0.0, scale).log_prob(mu).sum()
+            GaussianPrior(scale).log_prob(mu),
+            Normal(0.0, torch.tensor(scale, dtype=f64)).log_prob(mu).sum(),
         )
 
 
@@ -67,8 +70,13 @@ def test_scale_mixture_prior_log_prob_and_monte_carlo_kl():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(30, generator=g, dtype=f64)
     prior = ScaleMixturePrior(pi=0.3, sigma1=1.5, sigma2=0.1)
+    zero = torch.zeros((), dtype=f64)  # float64 parameters: 0.1 is not exact in float32
+
+    def normal(scale):
+        return Normal(zero, torch.tensor(scale, dtype=f64))
+
     direct = torch.log(
-        0.3 * Normal(0.0, 1.5).log_prob(w).exp() + 0.7 * Normal(0.0, 0.1).log_prob(w).exp()
+        0.3 * normal(1.5).log_prob(w).exp() + 0.7 * normal(0.1).log_prob(w).exp()
     ).sum()
     torch.testing.assert_close(prior.log_prob(w), direct)
     mu, sigma = torch.zeros(30, dtype=f64), torch.full((30,), 0.5, dtype=f64)
@@ -107,7 +115,9 @@ def test_training_loss_is_the_negative_elbo_divided_by_n():
     }
     out = torch.func.functional_call(net, params, (x,))
     nll = -Normal(out[:, 0], (out[:, 1].exp() + 1e-6).sqrt()).log_prob(y)
-    kl = kl_divergence(Normal(post.mu.detach(), post.sigma.detach()), Normal(0.0, 0.7)).sum()
+    kl = kl_divergence(
+        Normal(post.mu.detach(), post.sigma.detach()), Normal(0.0, torch.tensor(0.7, dtype=f64))
+    ).sum()
     want = (n_data / len(x)) * nll.sum() + kl
     torch.testing.assert_close(loss.detach() * n_data, want)
 
@@ -279,7 +289,7 @@ def test_fused_sampling_and_kl_gradients_equal_autograd():
     mu.grad = log_std.grad = None
     sigma = log_std.exp()
     w2 = mu + sigma * eps
-    kl2 = kl_divergence(Normal(mu, sigma), Normal(0.0, 0.8)).sum()
+    kl2 = kl_divergence(Normal(mu, sigma), Normal(0.0, torch.tensor(0.8, dtype=f64))).sum()
     torch.testing.assert_close(w, w2)
     torch.testing.assert_close(kl, kl2)
     ((w2 * upstream).sum() + 0.3 * kl2).backward()
