@@ -15,13 +15,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from bayesdl.data.digits import DigitsOOD, load_digits_ood
+from bayesdl.data.uci import Standardizer, UCIDataset, UCISplit, load_uci
 
 __all__ = [
     "DigitsOOD",
+    "Standardizer",
     "TensorData",
+    "UCIDataset",
+    "UCISplit",
     "as_inputs",
     "as_training_data",
     "load_digits_ood",
+    "load_uci",
 ]
 
 

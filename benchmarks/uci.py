@@ -1,0 +1,404 @@
+"""The UCI regression benchmark (Hernandez-Lobato & Adams 2015 splits) for every registered method.
+
+Run from the repository root::
+
+    python -m benchmarks.uci --data-dir ../shared/data/uci [--datasets a,b] [--methods m1,m2]
+                             [--splits K] [--epochs-scale F] --out benchmarks/results/uci.json
+
+The protocol, the same for every data set and method (written up in the README):
+
+* the given splits (the first ``K`` with ``--splits``); inputs and targets standardised with the
+  statistics of the training rows only;
+* one hidden layer of ``n_hidden.txt`` ReLU units (50 for all seven sets); the network outputs a
+  mean and a log-variance (heteroscedastic Gaussian likelihood) for every method; MC dropout adds
+  a dropout layer after the hidden layer;
+* hyper-parameters by one automatic procedure: the last 20% of each training split (in the order
+  of its index file) is held out; every candidate of the method's grid (:data:`GRIDS`) is trained
+  on the first 80% with Adam for ``n_epochs * epochs_scale`` epochs, keeping the epoch with the
+  best validation loss; the candidate with the best validation log-likelihood of the method's own
+  predictive wins, and the method is refitted on the whole training split with that candidate
+  for the chosen number of epochs (the full count for SWAG, whose posterior is the trajectory);
+* test RMSE of the predictive mean and mean per-point test log-likelihood of the predictive
+  (the Gaussian mixture over the method's draws), both on the original target scale (the
+  log-density of standardised targets minus ``log(y_std)``); mean and standard error over splits.
+
+It writes ``{"datasets": {name: {method: {"rmse": [mean, se], "ll": [mean, se], "seconds": s}}}}``
+(plus the protocol settings and per-split values) and a Markdown table (``--markdown``, by default
+next to ``--out`` with the suffix ``.md``) with our rows beside the published columns of
+``--reference``, best per row in bold. ``--merge a.json b.json`` combines earlier runs (for example
+two processes on disjoint data sets) into ``--out`` without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import bayesdl as bdl
+from bayesdl.data import Standardizer, UCIDataset, UCISplit, load_uci
+
+__all__ = ["GRIDS", "Result", "main", "run_method", "write_markdown"]
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REFERENCE = ROOT.parent / "shared" / "reference" / "uci_published.json"
+VAL_FRACTION = 0.2
+BATCH_SIZE = 128
+LR = 3e-3
+SEED = 0
+PREDICT_SEED = 1234
+
+MAX_STEPS = 5_000
+#: Prior precisions tried by every method: weight decay ``lambda / n`` for a training set of ``n``
+#: rows (the L2 term of a Gaussian prior of precision ``lambda`` on the mean loss), or for VI the
+#: Gaussian prior ``N(0, 1 / lambda)`` itself.
+PRECISIONS = (0.3, 3.0, 30.0)
+
+#: Candidates per method: ``"precision"`` (see :data:`PRECISIONS`), ``"dropout"`` (MC dropout's
+#: rate) and other constructor options under ``"build"``. A registered method not listed here gets
+#: :data:`DEFAULT_GRID`.
+DEFAULT_GRID: tuple[dict, ...] = tuple({"precision": lam} for lam in PRECISIONS)
+GRIDS: dict[str, tuple[dict, ...]] = {
+    "deterministic": DEFAULT_GRID,
+    "deep_ensemble": tuple({**c, "build": {"n_members": 5}} for c in DEFAULT_GRID),
+    "mc_dropout": tuple({"precision": 3.0, "dropout": p} for p in (0.01, 0.05, 0.1)),
+    "mean_field_vi": tuple({**c, "build": {"estimator": "local"}} for c in DEFAULT_GRID),
+    "swag": tuple({**c, "build": {"swa_start": 0.5}} for c in DEFAULT_GRID),
+    "laplace": DEFAULT_GRID,
+}
+#: Methods whose posterior is the training trajectory: refit for the full epoch count.
+TRAJECTORY_METHODS = frozenset({"swag"})
+
+
+def mlp(n_features: int, n_hidden: int, dropout: float = 0.0) -> nn.Module:
+    """``Linear(F, H) -> ReLU [-> Dropout(p)] -> Linear(H, 2)``: mean and log-variance."""
+    layers: list[nn.Module] = [nn.Linear(n_features, n_hidden), nn.ReLU()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers, nn.Linear(n_hidden, 2))
+
+
+def build(method: str, candidate: dict, n_features: int, n_hidden: int, seed: int):
+    """The posterior of ``method`` for one grid candidate, on a freshly initialised network."""
+    torch.manual_seed(seed)
+    net = mlp(n_features, n_hidden, candidate.get("dropout", 0.0))
+    options = dict(candidate.get("build", {}))
+    if method == "mean_field_vi" and "precision" in candidate:
+        options["prior"] = bdl.GaussianPrior(candidate["precision"] ** -0.5)
+    cls = bdl.get_posterior(method)
+    if method in ("deep_ensemble", "swag"):
+        options.setdefault("seed", seed)
+    return cls(net, "gaussian", **options)
+
+
+def epochs_for(n_rows: int, n_epochs: int, epochs_scale: float) -> int:
+    """``n_epochs * epochs_scale`` epochs, at most :data:`MAX_STEPS` gradient steps in all."""
+    steps_per_epoch = math.ceil(n_rows / BATCH_SIZE)
+    return max(1, min(round(n_epochs * epochs_scale), math.ceil(MAX_STEPS / steps_per_epoch)))
+
+
+@dataclass
+class Scores:
+    """Test scores of one fitted posterior on the original target scale."""
+
+    rmse: float
+    ll: float
+
+
+def evaluate(post, x: Tensor, y: Tensor, scaler: Standardizer) -> Scores:
+    """RMSE and mean log-likelihood on the original scale; ``x`` standardised, ``y`` original."""
+    generator = torch.Generator().manual_seed(PREDICT_SEED)
+    pred = post.predict(x, generator=generator)
+    mean = scaler.inverse_mean(pred.mean)
+    rmse = float(((mean - y) ** 2).mean().sqrt())
+    ll = float(pred.log_prob(scaler.transform_y(y)).mean()) + scaler.log_density_correction()
+    return Scores(rmse, ll)
+
+
+def _fit(post, method: str, x, y, candidate: dict, epochs: int, seed: int, val=None):
+    options = {"epochs": epochs, "batch_size": BATCH_SIZE, "lr": LR, "seed": seed}
+    if "precision" in candidate and method != "mean_field_vi":
+        options["weight_decay"] = candidate["precision"] / len(x)
+    return post.fit((x, y), val_data=val, progress=False, **options)
+
+
+def run_method(
+    method: str,
+    split: UCISplit,
+    n_hidden: int,
+    n_epochs: int,
+    epochs_scale: float = 1.0,
+    seed: int = SEED,
+) -> tuple[Scores, dict]:
+    """Grid on the last 20% of the training split, refit on all of it, test scores.
+
+    Returns the test :class:`Scores` and a record of the selection (candidate, epochs, val LL).
+    """
+    grid = GRIDS.get(method, DEFAULT_GRID)
+    n = len(split.x_train)
+    n_val = max(1, round(VAL_FRACTION * n))
+    x_in, y_in = split.x_train[: n - n_val], split.y_train[: n - n_val]
+    x_val, y_val = split.x_train[n - n_val :], split.y_train[n - n_val :]
+    inner = Standardizer.fit(x_in, y_in)
+    xi, yi, xv = inner.transform_x(x_in), inner.transform_y(y_in), inner.transform_x(x_val)
+    epochs = epochs_for(len(x_in), n_epochs, epochs_scale)
+    best = None
+    for k, candidate in enumerate(grid) if len(grid) > 1 else []:
+        post = build(method, candidate, split.x_train.shape[1], n_hidden, seed)
+        yv = inner.transform_y(y_val)
+        history = _fit(post, method, xi, yi, candidate, epochs, seed, val=(xv, yv))
+        val_ll = evaluate(post, xv, y_val, inner).ll
+        if not math.isfinite(val_ll):
+            continue
+        if best is None or val_ll > best[1]:
+            best = (k, val_ll, history.best_epoch or epochs)
+    k, val_ll, best_epoch = best if best is not None else (0, float("nan"), epochs)
+    candidate = grid[k]
+    refit_epochs = epochs if method in TRAJECTORY_METHODS else max(1, best_epoch)
+    scaler = split.standardizer()
+    post = build(method, candidate, split.x_train.shape[1], n_hidden, seed)
+    _fit(
+        post,
+        method,
+        scaler.transform_x(split.x_train),
+        scaler.transform_y(split.y_train),
+        candidate,
+        refit_epochs,
+        seed,
+    )
+    scores = evaluate(post, scaler.transform_x(split.x_test), split.y_test, scaler)
+    return scores, {"candidate": k, "val_ll": val_ll, "epochs": refit_epochs}
+
+
+@dataclass
+class Result:
+    """Per-split scores of one method on one data set."""
+
+    rmse: list[float] = field(default_factory=list)
+    ll: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    selection: list[dict] = field(default_factory=list)
+
+    @staticmethod
+    def _mean_se(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        se = float(t.std() / math.sqrt(len(t))) if len(t) > 1 else 0.0
+        return [float(t.mean()), se]
+
+    def summary(self) -> dict:
+        return {
+            "rmse": self._mean_se(self.rmse),
+            "ll": self._mean_se(self.ll),
+            "seconds": round(self.seconds, 2),
+            "n_splits": len(self.rmse),
+            "per_split": {"rmse": self.rmse, "ll": self.ll, "selection": self.selection},
+        }
+
+
+def run_dataset(ds: UCIDataset, method: str, n_splits: int, epochs_scale: float, log) -> dict:
+    """One method on the first ``n_splits`` splits of ``ds``: the summary of :class:`Result`."""
+    result = Result()
+    for i in range(min(n_splits, ds.n_splits)):
+        start = time.perf_counter()
+        scores, selection = run_method(method, ds.split(i), ds.n_hidden, ds.n_epochs, epochs_scale)
+        seconds = time.perf_counter() - start
+        result.seconds += seconds
+        result.rmse.append(scores.rmse)
+        result.ll.append(scores.ll)
+        result.selection.append(selection)
+        log(
+            f"{ds.name} {method} split {i}: rmse {scores.rmse:.4g} ll {scores.ll:.4g} "
+            f"({seconds:.1f} s, candidate {selection['candidate']}, "
+            f"{selection['epochs']} epochs)"
+        )
+    return {**result.summary(), "splits_in_data": ds.n_splits}
+
+
+# ----------------------------------------------------------------------------- the table
+def _fmt(value: list[float], digits: int) -> str:
+    return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+
+
+def write_markdown(results: dict, reference: dict | None, path: Path) -> None:
+    """Two tables (RMSE, lower is better; LL, higher is better), data sets as rows, published
+    columns then ours, the best mean of each row in bold."""
+    datasets = results["datasets"]
+    ours = sorted({m for per in datasets.values() for m in per})
+    lines = ["# UCI regression benchmark", ""]
+    settings = results.get("protocol", {})
+    parts = results.get("merged_from")
+    if parts:
+        lines += ["Merged from:", ""]
+        lines += [
+            f"- `{p['file']}` ({', '.join(p['methods'])}): "
+            f"{json.dumps(p['protocol'], sort_keys=True)}"
+            for p in parts
+        ]
+        lines.append("")
+    elif settings:
+        lines += [f"Protocol: {json.dumps(settings, sort_keys=True)}", ""]
+    for metric, higher, digits in (("rmse", False, 3), ("ll", True, 3)):
+        published = []
+        if reference is not None:
+            published = sorted(
+                {m for name in datasets for m in reference.get(metric, {}).get(name, {})}
+            )
+        title = "RMSE (lower is better)" if metric == "rmse" else "test log-likelihood (higher)"
+        lines += [f"## {title}", ""]
+        header = ["data set", *(f"{m} (published)" for m in published), *ours]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name in sorted(datasets):
+            cells: list[tuple[float, str] | None] = []
+            pub = reference.get(metric, {}).get(name, {}) if reference else {}
+            for m in published:
+                cells.append((pub[m][0], _fmt(pub[m], 2)) if m in pub else None)
+            for m in ours:
+                r = datasets[name].get(m)
+                cells.append((r[metric][0], _fmt(r[metric], digits)) if r else None)
+            finite = [c[0] for c in cells if c is not None and math.isfinite(c[0])]
+            best = (max if higher else min)(finite) if finite else None
+            row = [name]
+            for c in cells:
+                if c is None:
+                    row.append("")
+                else:
+                    row.append(f"**{c[1]}**" if best is not None and c[0] == best else c[1])
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    lines += [
+        "## Seconds per split (and the splits run)",
+        "",
+        "| data set | " + " | ".join(ours) + " |",
+        "|" + "---|" * (len(ours) + 1),
+    ]
+    full = dict.fromkeys(ours, 0.0)
+    for name in sorted(datasets):
+        row = [name]
+        for m in ours:
+            r = datasets[name].get(m)
+            if r is None:
+                row.append("")
+                continue
+            per_split = r["seconds"] / max(1, r["n_splits"])
+            full[m] += per_split * r.get("splits_in_data", r["n_splits"])
+            row.append(f"{per_split:.1f} ({r['n_splits']})")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "| all splits of these sets, estimated (min) | "
+        + " | ".join(f"{full[m] / 60:.0f}" for m in ours)
+        + " |",
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- the command
+def _names(text: str | None, choices: Sequence[str], what: str) -> list[str]:
+    if text is None:
+        return list(choices)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in choices]
+    if unknown or not names:
+        raise SystemExit(
+            f"unknown {what} {unknown or text!r}; choose from {', '.join(choices)} "
+            "(comma-separated)."
+        )
+    return names
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.uci", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--data-dir", type=Path, help="folder holding one folder per data set")
+    parser.add_argument("--datasets", help="comma-separated data set folder names (default: all)")
+    parser.add_argument("--methods", help="comma-separated registered methods (default: all)")
+    parser.add_argument("--splits", type=int, default=None, help="use the first K splits")
+    parser.add_argument("--epochs-scale", type=float, default=1.0, help="epochs = n_epochs * F")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    parser.add_argument("--markdown", type=Path, default=None, help="default: OUT with .md")
+    parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
+    parser.add_argument("--merge", type=Path, nargs="+", help="combine these JSON files, no runs")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.merge:
+        results: dict = {"datasets": {}}
+        for path in args.merge:
+            part = json.loads(path.read_text())
+            results.setdefault("protocol", part.get("protocol", {}))
+            results.setdefault("merged_from", []).append(
+                {
+                    "file": path.name,
+                    "protocol": part.get("protocol", {}),
+                    "methods": sorted({m for per in part["datasets"].values() for m in per}),
+                }
+            )
+            for name, per in part["datasets"].items():
+                results["datasets"].setdefault(name, {}).update(per)
+        if args.data_dir is not None:  # runs of an older version did not record the split count
+            for name, per in results["datasets"].items():
+                if (args.data_dir / name).is_dir():
+                    n = load_uci(args.data_dir / name).n_splits
+                    for r in per.values():
+                        r.setdefault("splits_in_data", n)
+    else:
+        if args.data_dir is None or not args.data_dir.is_dir():
+            raise SystemExit(f"--data-dir must be a folder of UCI data sets, got {args.data_dir}.")
+        if args.splits is not None and args.splits < 1:
+            raise SystemExit(f"--splits must be a positive integer, got {args.splits}.")
+        if not args.epochs_scale > 0:
+            raise SystemExit(f"--epochs-scale must be positive, got {args.epochs_scale}.")
+        available = sorted(p.name for p in args.data_dir.iterdir() if (p / "data.txt").is_file())
+        datasets = _names(args.datasets, available, "data set")
+        methods = _names(args.methods, bdl.available_posteriors(), "method")
+        n_splits = args.splits or 10**9
+        results = {
+            "protocol": {
+                "epochs_scale": args.epochs_scale,
+                "batch_size": BATCH_SIZE,
+                "lr": LR,
+                "val_fraction": VAL_FRACTION,
+                "max_steps": MAX_STEPS,
+                "precisions": list(PRECISIONS),
+                "splits": args.splits,
+                "threads": torch.get_num_threads(),
+            },
+            "datasets": {},
+        }
+        for name in datasets:
+            ds = load_uci(args.data_dir / name)
+            for method in methods:
+                summary = run_dataset(ds, method, n_splits, args.epochs_scale, log)
+                results["datasets"].setdefault(name, {})[method] = summary
+                _write(results, args)  # after every method: a long run keeps what it finished
+    _write(results, args)
+    log(f"wrote {args.out} and {args.markdown or args.out.with_suffix('.md')}")
+    return results
+
+
+def _write(results: dict, args: argparse.Namespace) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    reference = json.loads(args.reference.read_text()) if args.reference.is_file() else None
+    write_markdown(results, reference, args.markdown or args.out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The UCI benchmark protocol end to end on a tiny fixture: 2 splits, 2 epochs, every method."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bayesdl as bdl
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a package at the repo root, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import uci  # noqa: E402
+from tests.test_uci_loader import write_uci  # noqa: E402
+
+REFERENCE = {
+    "rmse": {"toy": {"published_a": [1.0, 0.1], "published_b": [0.05, 0.01]}},
+    "ll": {"toy": {"published_a": [-9.0, 0.1]}},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uci")
+    write_uci(root / "toy", n_rows=40, n_splits=3)
+    (root / "toy" / "n_epochs.txt").write_text("2\n")
+    (root / "toy" / "n_hidden.txt").write_text("8\n")
+    ref = root / "published.json"
+    ref.write_text(json.dumps(REFERENCE))
+    out = root / "out" / "uci.json"
+    results = uci.main(
+        ["--data-dir", str(root), "--splits", "2", "--out", str(out), "--reference", str(ref),
+         "--quiet"]
+    )  # fmt: skip
+    return results, out
+
+
+def test_json_structure_every_method_finite(run):
+    results, out = run
+    assert json.loads(out.read_text()) == results
+    per = results["datasets"]["toy"]
+    assert set(per) == set(bdl.available_posteriors())
+    for method, r in per.items():
+        assert r["n_splits"] == 2, method
+        for metric in ("rmse", "ll"):
+            mean, se = r[metric]
+            assert math.isfinite(mean) and math.isfinite(se) and se >= 0, (method, metric)
+            values = r["per_split"][metric]
+            assert len(values) == 2
+            assert mean == pytest.approx(sum(values) / 2)
+            # standard error of the mean over 2 splits: |a - b| / 2
+            assert se == pytest.approx(abs(values[0] - values[1]) / 2)
+        assert r["rmse"][0] > 0 and r["seconds"] >= 0
+        for sel in r["per_split"]["selection"]:
+            assert 0 <= sel["candidate"] < len(uci.GRIDS.get(method, uci.DEFAULT_GRID))
+            assert 1 <= sel["epochs"] <= 2
+
+
+def test_markdown_table_bolds_the_best(run):
+    _, out = run
+    text = out.with_suffix(".md").read_text()
+    assert "| data set | published_a (published) | published_b (published) |" in text
+    rmse_row = next(line for line in text.splitlines() if line.startswith("| toy"))
+    # published_b's RMSE 0.05 is better than anything a 2-epoch net reaches on this target
+    assert "**0.05 ± 0.01**" in rmse_row and rmse_row.count("**") == 2
+    rows = [line for line in text.splitlines() if line.startswith("| toy")]
+    assert len(rows) == 3 and rows[1].count("**") == 2  # RMSE, LL, seconds
+    assert "**-9.00" not in rows[1]  # our nets beat a log-likelihood of -9 on this data
+    assert rows[2].count("(2)") == len(bdl.available_posteriors())  # seconds per split (2 run)
+    assert "all splits of these sets, estimated (min)" in text
+
+
+def test_evaluate_is_the_mixture_log_density_on_the_original_scale():
+    """Against a direct computation: the mixture of the members' Gaussians, mapped back."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y = 5 + 3 * x[:, 0] + torch.randn(30, generator=g, dtype=torch.float64)
+    scaler = bdl.data.Standardizer.fit(x, y)
+    post = bdl.DeepEnsemble(uci.mlp(3, 4).double(), "gaussian", n_members=3, seed=0)
+    xs = scaler.transform_x(x)
+    scores = uci.evaluate(post, xs, y, scaler)
+    out = post.sample_outputs(xs)  # (3, 30, 2)
+    mean = out[..., 0] * scaler.y_std + scaler.y_mean
+    std = (out[..., 1].exp() + post.likelihood.min_variance).sqrt() * scaler.y_std
+    dens = torch.distributions.Normal(mean, std).log_prob(y).exp().mean(0)
+    assert scores.ll == pytest.approx(float(dens.log().mean()), rel=1e-9)
+    assert scores.rmse == pytest.approx(float(((mean.mean(0) - y) ** 2).mean().sqrt()), rel=1e-9)
+
+
+def test_merge_combines_runs(run, tmp_path):
+    results, _ = run
+    a = tmp_path / "a.json"
+    b = tmp_path / "b.json"
+    per = results["datasets"]["toy"]
+    a.write_text(json.dumps({"datasets": {"toy": {"deterministic": per["deterministic"]}}}))
+    b.write_text(json.dumps({"datasets": {"other": {"swag": per["swag"]}}}))
+    merged = uci.main(["--merge", str(a), str(b), "--out", str(tmp_path / "m.json"), "--quiet"])
+    assert set(merged["datasets"]) == {"toy", "other"}
+    assert (tmp_path / "m.md").is_file()
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit, match="--data-dir must be a folder"):
+        uci.main(["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o.json")])
+    write_uci(tmp_path / "toy")
+    with pytest.raises(SystemExit, match=r"unknown method \['nope'\]"):
+        uci.main(["--data-dir", str(tmp_path), "--methods", "nope", "--out", "o.json"])
+    with pytest.raises(SystemExit, match=r"unknown data set \['boston'\]"):
+        uci.main(["--data-dir", str(tmp_path), "--datasets", "boston", "--out", "o.json"])
+
+
+def test_module_entry_point():
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.uci", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--epochs-scale" in proc.stdout and "--data-dir" in proc.stdout
