@@ -167,3 +167,15 @@ def test_regression_bad_input():
         pred.log_prob(torch.zeros(4))
     with pytest.raises(ValueError, match="share a shape"):
         RegressionPrediction(torch.zeros(2, 3), torch.ones(2, 4))
+
+
+def test_regression_crps_of_one_gaussian_is_the_known_formula_per_point():
+    mu = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+    var = torch.tensor([[1.0, 0.25, 4.0]], dtype=torch.float64)
+    y = torch.tensor([0.0, 0.3, 5.0], dtype=torch.float64)
+    sd = var.sqrt()[0].numpy()
+    z = (y.numpy() - mu[0].numpy()) / sd
+    want = sd * (z * (2 * stats.norm.cdf(z) - 1) + 2 * stats.norm.pdf(z) - 1 / math.sqrt(math.pi))
+    got = RegressionPrediction(mu, var).crps(y)
+    assert got.shape == (3,)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)

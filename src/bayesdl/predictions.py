@@ -216,6 +216,16 @@ class RegressionPrediction:
             log_n = log_n.sum(-1)
         return torch.logsumexp(log_n, dim=0) - math.log(self.n_samples)
 
+    def crps(self, y: Tensor) -> Tensor:
+        """Continuous ranked probability score of the mixture at ``y``, in closed form.
+
+        One score per entry, shaped like ``y`` (lower is better, in the units of ``y``); see
+        :func:`bayesdl.metrics.crps_gaussian_mixture` for the formula and its mean.
+        """
+        from bayesdl.metrics.regression import crps_gaussian_mixture_per_point
+
+        return crps_gaussian_mixture_per_point(self.means, self.variances, self._check_y(y))
+
     def quantile(self, q: float, *, tol: float = 1e-10, max_iter: int = 200) -> Tensor:
         """The ``q``-quantile of the mixture, found by bisection on its CDF, shape of ``mean``."""
         q = _check_level(q)

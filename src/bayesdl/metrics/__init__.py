@@ -28,6 +28,7 @@ from bayesdl.metrics.classification import (
 from bayesdl.metrics.ood import fpr95, fpr_at_tpr, ood_aupr, ood_auroc
 from bayesdl.metrics.regression import (
     crps_gaussian_mixture,
+    crps_gaussian_mixture_per_point,
     gaussian_mixture_nll,
     interval_score,
     mpiw,
@@ -50,6 +51,7 @@ __all__ = [
     "calibration_bins",
     "classwise_ece",
     "crps_gaussian_mixture",
+    "crps_gaussian_mixture_per_point",
     "ece",
     "fpr95",
     "fpr_at_tpr",

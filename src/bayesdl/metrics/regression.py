@@ -257,8 +257,17 @@ def crps_gaussian_mixture(means: Tensor, variances: Tensor, y: Tensor) -> Tensor
     Tensor
         0-d tensor, non-negative.
     """
+    return crps_gaussian_mixture_per_point(means, variances, y).mean()
+
+
+def crps_gaussian_mixture_per_point(means: Tensor, variances: Tensor, y: Tensor) -> Tensor:
+    """The closed-form mixture CRPS of :func:`crps_gaussian_mixture` for every entry.
+
+    Same parameters; returns a tensor shaped like ``y`` (``(B,)`` or ``(B, D)``).
+    """
     means, variances, y = _check_mixture(means, variances, y)
-    if means.ndim == 2:
+    single = means.ndim == 2
+    if single:
         means, variances, y = means[..., None], variances[..., None], y[..., None]
     n_draws, _, width = means.shape
     accuracy = _expected_abs_normal(y - means, variances).mean(0)  # (B, D)
@@ -269,7 +278,8 @@ def crps_gaussian_mixture(means: Tensor, variances: Tensor, y: Tensor) -> Tensor
             for m, v in zip(means.split(chunk, 1), variances.split(chunk, 1), strict=True)
         ]
     )
-    return (accuracy - 0.5 * spread).mean()
+    out = accuracy - 0.5 * spread
+    return out[..., 0] if single else out
 
 
 def pinball_loss(quantile: Tensor, y: Tensor, q: float) -> Tensor:
