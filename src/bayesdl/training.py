@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from bayesdl._options import resolve
 from bayesdl.data import TensorData
 
 __all__ = [
@@ -118,20 +119,8 @@ class TrainConfig:
             raise bad("val_fraction", "a number in [0, 1)")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise bad("patience", "None or a positive integer")
-        try:
-            self.lr_schedule = LRSchedule(self.lr_schedule)
-        except ValueError:
-            choices = ", ".join(repr(o.value) for o in LRSchedule)
-            raise ValueError(
-                f"unknown lr_schedule {self.lr_schedule!r}; choose one of {choices}."
-            ) from None
-        try:
-            self.optimizer = OptimizerName(self.optimizer)
-        except ValueError:
-            choices = ", ".join(repr(o.value) for o in OptimizerName)
-            raise ValueError(
-                f"unknown optimizer {self.optimizer!r}; choose one of {choices}."
-            ) from None
+        self.lr_schedule = resolve(LRSchedule, self.lr_schedule, "lr_schedule")
+        self.optimizer = resolve(OptimizerName, self.optimizer, "optimizer")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from bayesdl._options import resolve
 from bayesdl.metrics._validation import (
     as_tensor,
     check_binary,
@@ -315,11 +316,7 @@ class ReliabilityCurve(NamedTuple):
 
 
 def _resolve_binning(binning: object) -> Binning:
-    try:
-        return Binning(binning)
-    except ValueError:
-        choices = ", ".join(repr(b.value) for b in Binning)
-        raise ValueError(f"unknown binning {binning!r}; choose one of {choices}.") from None
+    return resolve(Binning, binning, "binning")
 
 
 def _equal_mass_bins(confidence: Tensor, n_bins: int) -> tuple[Tensor, Tensor]:

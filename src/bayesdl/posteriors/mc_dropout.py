@@ -21,6 +21,7 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
+from bayesdl._options import resolve
 from bayesdl.likelihoods import Likelihood
 from bayesdl.posteriors.base import NetworkObjective, Posterior, register
 
@@ -156,11 +157,7 @@ class MCDropout(Posterior):
                 f"with p > 0), but {type(model).__name__} has none. Add e.g. nn.Dropout(0.1) "
                 "after the hidden activations, or use DeepEnsemble or another posterior."
             )
-        try:
-            self.expand = Expand(expand)
-        except ValueError:
-            choices = ", ".join(repr(e.value) for e in Expand)
-            raise ValueError(f"unknown expand {expand!r}; choose one of {choices}.") from None
+        self.expand = resolve(Expand, expand, "expand")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}.")
         self.chunk_size = chunk_size

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from bayesdl._options import resolve
 from bayesdl._random import MIN_PARALLEL, randn
 from bayesdl.likelihoods import Likelihood
 from bayesdl.posteriors.base import Posterior, register
@@ -205,11 +206,7 @@ class MeanFieldVI(Posterior):
         }
 
         def parse(value) -> Estimator:
-            try:
-                return Estimator(value)
-            except ValueError:
-                choices = ", ".join(repr(e.value) for e in Estimator)
-                raise ValueError(f"unknown estimator {value!r}; choose one of {choices}.") from None
+            return resolve(Estimator, value, "estimator")
 
         if not isinstance(estimator, dict):
             chosen = parse(estimator)

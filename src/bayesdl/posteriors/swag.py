@@ -52,6 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 from bayesdl import training
+from bayesdl._options import resolve
 from bayesdl._random import randn
 from bayesdl.data import as_inputs
 from bayesdl.likelihoods import Likelihood
@@ -207,13 +208,7 @@ class SWAG(StackedMembers):
         self.swa_start = _check_swa_start(swa_start)
         if swa_lr is not None and not _positive(swa_lr):
             raise ValueError(f"swa_lr must be None or a positive finite number, got {swa_lr!r}.")
-        try:
-            self.swa_schedule = SWASchedule(swa_schedule)
-        except ValueError:
-            choices = ", ".join(repr(s.value) for s in SWASchedule)
-            raise ValueError(
-                f"unknown swa_schedule {swa_schedule!r}; choose one of {choices}."
-            ) from None
+        self.swa_schedule = resolve(SWASchedule, swa_schedule, "swa_schedule")
         if self.swa_schedule is SWASchedule.CYCLIC and swa_lr is None:
             raise ValueError(
                 "swa_schedule='cyclic' needs swa_lr, the lowest rate of each cycle (the fit's "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from bayesdl._options import resolve
+
 __all__ = ["HessianStructure", "Predictive", "PriorFit", "Subset", "resolve"]
 
 
@@ -48,12 +50,3 @@ class Predictive(str, Enum):
     #: through the network (one vectorised call). For the last layer, whose output is linear in
     #: its weights, this is the same distribution as ``"glm"``.
     MC = "mc"
-
-
-def resolve(enum: type[Enum], value, name: str):
-    """``enum(value)``, or a ``ValueError`` that lists the choices."""
-    try:
-        return enum(value)
-    except ValueError:
-        choices = ", ".join(repr(e.value) for e in enum)
-        raise ValueError(f"unknown {name} {value!r}; choose one of {choices}.") from None
