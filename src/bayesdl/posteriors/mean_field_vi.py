@@ -23,6 +23,7 @@ once through :class:`~bayesdl.posteriors.stacked.StackedModule`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -274,12 +275,7 @@ class MeanFieldVI(Posterior):
         if not local and s > 1:  # S whole weight sets at once
             sigma = self.sigma
             w = self.mu + sigma * randn(s, self.n_bayesian, dtype=sigma.dtype, device=sigma.device)
-            views = self._views(w)
-            tensors = tuple(
-                views[n] if n in views else p.expand(s, *p.shape)
-                for n, p in self.network.named_parameters()
-            ) + tuple(b.expand(s, *b.shape) for b in self.network.buffers())
-            out = self._stack(x, tensors=tensors)
+            out = self._stack(x, tensors=self._stack_tensors(self._views(w), s))
             nll = self.likelihood.nll(out, y).mean()
             kl = self.prior.kl(self.mu, sigma, None if self.prior.closed_form else w[0])
             return nll, kl
@@ -304,19 +300,22 @@ class MeanFieldVI(Posterior):
                 sigma_b = sigma_views[bname]
             table[id(views[wname])] = (sigma_views[wname], sigma_b, est)
         tensors = tuple(views[n] for n in self.bayesian_names)
-        xs, ys = (
-            (x, y)
-            if not local or s == 1
-            else (x.repeat(s, *[1] * (x.ndim - 1)), y.repeat(s, *[1] * (y.ndim - 1)))
-        )
-        if table:
-            with LocalNoise(table):
-                out = self._swap(tensors, xs)
-        else:
-            out = self._swap(tensors, xs)
-        nll = self.likelihood.nll(out, ys).mean()
+        if s > 1:  # output-noise estimators: S draws are S copies of the batch
+            x, y = x.repeat(s, *[1] * (x.ndim - 1)), y.repeat(s, *[1] * (y.ndim - 1))
+        with LocalNoise(table) if table else contextlib.nullcontext():
+            out = self._swap(tensors, x)
+        nll = self.likelihood.nll(out, y).mean()
         kl = self.prior.kl(self.mu, sigma, None if self.prior.closed_form else w)
         return nll, kl
+
+    def _stack_tensors(self, views: dict[str, Tensor], s: int) -> tuple[Tensor, ...]:
+        """Tensors for every slot of the stacked call: the ``s`` drawn sets of the Bayesian
+        parameters, and the point parameters and buffers expanded (not copied) to ``s``."""
+        point = tuple(
+            views[n] if n in views else p.expand(s, *p.shape)
+            for n, p in self.network.named_parameters()
+        )
+        return point + tuple(b.expand(s, *b.shape) for b in self.network.buffers())
 
     def negative_elbo(self, x: Tensor, y: Tensor, n_data: int) -> Tensor:
         """Mini-batch estimate of the full negative ELBO:
@@ -366,8 +365,6 @@ class MeanFieldVI(Posterior):
         was_training = self.network.training
         self.network.eval()
         self._stack.train(False)
-        params = dict(self.network.named_parameters())
-        buffers = list(self.network.buffers())
         sigma = self.sigma.detach()
         mu = self.mu.detach()
         # Draw the noise of several weight sets at once (large draws are filled in parallel,
@@ -381,11 +378,7 @@ class MeanFieldVI(Posterior):
                 s = min(chunk, n_samples - start)
                 eps = randn(s, mu.numel(), generator=generator, dtype=mu.dtype, device=mu.device)
                 views = self._views(torch.addcmul(mu, sigma, eps))
-                tensors = tuple(
-                    views[n] if n in views else p.detach().expand(s, *p.shape)
-                    for n, p in params.items()
-                ) + tuple(b.expand(s, *b.shape) for b in buffers)
-                outs.append(self._stack(x, tensors=tensors))
+                outs.append(self._stack(x, tensors=self._stack_tensors(views, s)))
         finally:
             self.network.train(was_training)
         return torch.cat(outs)
@@ -423,8 +416,9 @@ class MeanFieldVI(Posterior):
         mu, sigma = self.mu.detach(), self.sigma.detach()
         report = VIDiagnostics()
         floor = max(self.min_std * 1.01, 1e-6 * getattr(self.prior, "scale", 1.0))
+        sigma_views = self._views(sigma)
         for name, view_mu in self._views(mu).items():
-            view_sigma = self._views(sigma)[name]
+            view_sigma = sigma_views[name]
             kl = float(self.prior.kl(view_mu, view_sigma, self._prior_draw(view_mu, view_sigma)))
             report.rows.append(
                 {
