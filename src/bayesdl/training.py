@@ -195,7 +195,14 @@ def _tensor_batches(
         yield data.x[idx], data.y[idx]
 
 
-def _loader_batches(loader: DataLoader, n_orders: int, prepare) -> Iterator[tuple[Tensor, Tensor]]:
+def loader_batches(
+    loader: DataLoader, prepare, n_orders: int = 1
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The ``(x, y)`` batches of a DataLoader, each checked and moved by ``prepare``.
+
+    With ``n_orders > 1`` every batch is expanded to ``(n_orders, b, ...)`` (a loader fixes one
+    order, so every member of a stacked objective sees it).
+    """
     for batch in loader:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError(
@@ -204,7 +211,7 @@ def _loader_batches(loader: DataLoader, n_orders: int, prepare) -> Iterator[tupl
                 + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
             )
         x, y = prepare(batch)
-        if n_orders > 1:  # a loader fixes one order; every member sees it
+        if n_orders > 1:
             x = x.expand(n_orders, *x.shape)
             y = y.expand(n_orders, *y.shape)
         yield x, y
@@ -318,7 +325,7 @@ def fit(
             batches = (
                 _tensor_batches(train, config.batch_size, objective.n_orders, generator)
                 if isinstance(train, TensorData)
-                else _loader_batches(train, objective.n_orders, prepare)
+                else loader_batches(train, prepare, objective.n_orders)
             )
             total, count, first = 0.0, 0, True
             for xb, yb in batches:

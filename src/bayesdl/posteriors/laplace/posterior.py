@@ -23,7 +23,6 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from bayesdl import training
 from bayesdl.data import TensorData, as_inputs
@@ -292,13 +291,7 @@ class Laplace(Posterior):
             for start in range(0, len(train), chunk):
                 yield train.x[start : start + chunk], train.y[start : start + chunk]
             return
-        assert isinstance(train, DataLoader)
-        for batch in train:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise TypeError(
-                    f"the DataLoader must yield (x, y) pairs; got {type(batch).__name__}."
-                )
-            x, y = self._prepare_batch(batch)
+        for x, y in training.loader_batches(train, self._prepare_batch):
             if self.input_shape is None:
                 self._record_input_shape(x)
             yield x, y
