@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -18,7 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["LOCAL_LAYERS", "Estimator", "LocalNoise", "SampleWithGaussianKL"]
+__all__ = [
+    "LOCAL_LAYERS",
+    "Estimator",
+    "FitWorkspace",
+    "LocalNoise",
+    "SampleWithGaussianKL",
+    "SampleWithGaussianKLInto",
+]
 
 #: Layer types the output-noise estimators serve.
 LOCAL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -38,6 +46,34 @@ class Estimator(str, Enum):
     FLIPOUT = "flipout"
 
 
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def exp(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``exp(x)`` as ``exp2(x * log2(e))``: the CPU kernel of ``exp2`` is about 3x faster than
+    that of ``exp`` here (AVX-512), at a relative error of at most ~1e-6 in float32 (1e-15 in
+    float64) from rounding the product; the standard deviations of a mean-field posterior are
+    computed this way at every training step."""
+    out = torch.mul(x, _LOG2E, out=out) if out is not None else x * _LOG2E
+    return out.exp2_()
+
+
+def _sample_and_kl(ctx, mu, log_std, eps, scale: float, workspace=None) -> tuple[Tensor, Tensor]:
+    """The forward of both fused functions: ``w = mu + sigma * eps`` and the closed-form KL,
+    into the workspace's buffers when there is one; saves what the backward needs on ``ctx``."""
+    sigma = exp(log_std, out=None if workspace is None else workspace.sigma)
+    w = torch.addcmul(mu, sigma, eps, out=None if workspace is None else workspace.w)
+    inv_s2 = 1.0 / scale**2
+    kl = (
+        0.5 * inv_s2 * (torch.dot(sigma, sigma) + torch.dot(mu, mu))
+        - log_std.sum()
+        + mu.numel() * (math.log(scale) - 0.5)
+    )
+    ctx.save_for_backward(mu, eps, sigma)
+    ctx.inv_s2 = inv_s2
+    return w, kl
+
+
 class SampleWithGaussianKL(torch.autograd.Function):
     """``w = mu + exp(log_std) * eps`` and the closed-form KL to ``N(0, scale^2)``.
 
@@ -51,16 +87,7 @@ class SampleWithGaussianKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, log_std, eps, scale: float):
-        sigma = log_std.exp()
-        w = torch.addcmul(mu, sigma, eps)
-        inv_s2 = 1.0 / scale**2
-        kl = (
-            0.5 * inv_s2 * (torch.dot(sigma, sigma) + torch.dot(mu, mu))
-            - log_std.sum()
-            + mu.numel() * (math.log(scale) - 0.5)
-        )
-        ctx.save_for_backward(mu, eps, sigma)
-        ctx.inv_s2 = inv_s2
+        w, kl = _sample_and_kl(ctx, mu, log_std, eps, scale)
         return w, kl
 
     @staticmethod
@@ -68,9 +95,97 @@ class SampleWithGaussianKL(torch.autograd.Function):
         mu, eps, sigma = ctx.saved_tensors
         c = float(grad_kl)
         grad_mu = torch.add(grad_w, mu, alpha=c * ctx.inv_s2)
-        grad_log_std = grad_w * eps
+        grad_log_std = grad_w.mul_(eps)  # grad_w is this node's own buffer, used up here
         grad_log_std.mul_(sigma).addcmul_(sigma, sigma, value=c * ctx.inv_s2).sub_(c)
         return grad_mu, grad_log_std, None, None
+
+
+@dataclass
+class FitWorkspace:
+    """Buffers a training run reuses at every step of :class:`SampleWithGaussianKLInto`.
+
+    A fresh ``P``-sized tensor costs more than the arithmetic written into it when the allocator
+    hands large blocks back to the system between steps (page faults on first touch, measured
+    at 5x the cost of the same op into a reused buffer here); a mean-field step made five of them.
+    ``grad_mu`` / ``grad_log_std`` become the ``.grad`` of the leaves by assignment, so autograd
+    never copies them; autograd's version counters catch any buffer overwritten while a graph
+    that saved it is still alive.
+    """
+
+    mu: Tensor
+    log_std: Tensor
+    sizes: list[int]
+    shapes: list[torch.Size]
+    sigma: Tensor = field(init=False)
+    w: Tensor = field(init=False)
+    grad_mu: Tensor = field(init=False)
+    grad_log_std: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sigma, self.w, self.grad_mu, self.grad_log_std = (
+            torch.empty_like(self.mu) for _ in range(4)
+        )
+
+    def fits(self, mu: Tensor, log_std: Tensor) -> bool:
+        return (
+            self.mu is mu
+            and self.log_std is log_std
+            and self.w.dtype == mu.dtype
+            and self.w.device == mu.device
+        )
+
+
+def _set_grad(leaf: Tensor, grad: Tensor) -> None:
+    """``leaf.grad = grad`` without a copy, or accumulate where a gradient is already there."""
+    if leaf.grad is None:
+        leaf.grad = grad
+    else:
+        leaf.grad.add_(grad)
+
+
+class SampleWithGaussianKLInto(torch.autograd.Function):
+    """:class:`SampleWithGaussianKL` for the training loop: same maths, no per-step allocations.
+
+    ``forward(mu, log_std, eps, scale, workspace)`` returns the sampled weights as the views of
+    ``workspace.shapes`` (whose gradients the backward concatenates into a reused buffer) and the
+    KL; the backward writes the gradients of ``mu`` and ``log_std`` into the workspace and
+    assigns them as the leaves' ``.grad`` (returning ``None`` for them), so it serves
+    ``loss.backward()`` in a training loop, not ``torch.autograd.grad``.
+    """
+
+    @staticmethod
+    def forward(ctx, mu, log_std, eps, scale: float, workspace: FitWorkspace):
+        w, kl = _sample_and_kl(ctx, mu, log_std, eps, scale, workspace)
+        ctx.workspace = workspace
+        pieces = tuple(
+            piece.view(shape)
+            for piece, shape in zip(w.split(workspace.sizes), workspace.shapes, strict=True)
+        )
+        return (*pieces, kl)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        mu, eps, sigma = ctx.saved_tensors
+        ws: FitWorkspace = ctx.workspace
+        grad_kl = grads[-1]
+        c = 0.0 if grad_kl is None else float(grad_kl)
+        k = c * ctx.inv_s2
+        for leaf, attr in ((ws.mu, "grad_mu"), (ws.log_std, "grad_log_std")):
+            if leaf.grad is getattr(ws, attr):  # not zeroed to None since the last step
+                setattr(ws, attr, torch.empty_like(leaf))
+        grad_mu, grad_log_std = ws.grad_mu, ws.grad_log_std
+        flat = [
+            torch.zeros(size, dtype=mu.dtype, device=mu.device) if g is None else g.reshape(-1)
+            for g, size in zip(grads[:-1], ws.sizes, strict=True)
+        ]
+        torch.cat(flat, out=grad_mu)  # the gradient of the sampled weights, for now
+        torch.mul(grad_mu, eps, out=grad_log_std)
+        grad_mu.add_(mu, alpha=k)
+        # d/dlog_std: g * eps * sigma + c * (sigma^2 / s^2 - 1)
+        grad_log_std.mul_(sigma).addcmul_(sigma, sigma, value=k).sub_(c)
+        _set_grad(ws.mu, grad_mu)
+        _set_grad(ws.log_std, grad_log_std)
+        return None, None, None, None, None
 
 
 class LocalNoise(TorchFunctionMode):
