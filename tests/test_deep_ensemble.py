@@ -136,3 +136,45 @@ def test_epistemic_uncertainty_shrinks_with_data(seed):
     # seeds 0-3 gave ratios 0.004-0.13 here; 0.3 leaves room for other BLAS and torch builds
     small, large = epistemic(20), epistemic(2000)
     assert large < 0.3 * small, (small, large)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_one_weight_decay_per_member_equals_separate_fits(optimizer):
+    """Member m of an ensemble trained with weight_decay=(a, b) is the one-member ensemble
+    (same initialisation) trained with weight_decay a or b: a grid over the prior precision
+    trains as one vectorised ensemble."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = x[:, 0] - x[:, 1] ** 2 + 0.1 * torch.randn(40, generator=g, dtype=torch.float64)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    decays = (0.0, 0.3)
+    options = dict(epochs=30, batch_size=40, lr=0.05, optimizer=optimizer, seed=0)
+    joint = bdl.DeepEnsemble(net, "gaussian", n_members=2, seed=7, independent_data_order=False)
+    joint.fit((x, y), weight_decay=decays, **options)
+    both = joint.sample_outputs(x)
+    for m, decay in enumerate(decays):
+        alone = bdl.DeepEnsemble(net, "gaussian", n_members=1, seed=7 + m)
+        alone.fit((x, y), weight_decay=decay, **options)
+        torch.testing.assert_close(both[m], alone.sample_outputs(x)[0])
+    assert not torch.allclose(both[0], both[1])
+
+
+def test_per_member_weight_decay_errors():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(10, 3), torch.randn(10)
+    with pytest.raises(ValueError, match="got 3 values, but there are 2 members"):
+        bdl.DeepEnsemble(net, "gaussian", n_members=2).fit((x, y), epochs=1, weight_decay=[0, 1, 2])
+    with pytest.raises(ValueError, match="no stacked members; pass one number"):
+        bdl.Deterministic(net, "gaussian").fit((x, y), epochs=1, weight_decay=[0.1])
+
+
+def test_member_gives_plain_modules_with_that_members_weights():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    ens = bdl.DeepEnsemble(net, "homoscedastic_gaussian", n_members=3, seed=0)
+    x = torch.randn(7, 3)
+    outputs = ens.sample_outputs(x)
+    for m in range(3):
+        model, likelihood = ens.member(m)
+        torch.testing.assert_close(likelihood(model(x)), outputs[m])
+    with pytest.raises(ValueError, match=r"m must be an integer in \[0, 3\), got 3"):
+        ens.member(3)

@@ -146,6 +146,22 @@ def test_stacked_objective_gets_independent_orders_and_per_member_best():
         assert sorted(torch.cat([b[m] for b in seen]).tolist()) == list(range(12))
 
 
+def test_member_best_epochs_are_each_members_own():
+    """Training pulls every member from 0 towards 3 (lr 0.1, one step an epoch); validation
+    targets of 0.5, 1.5 and 2.5 are passed at different epochs, and each member is restored to
+    its own best epoch, which the history reports."""
+    obj = Stacked(3)
+    obj.val_loss = lambda x, y: (obj.w - torch.tensor([0.5, 1.5, 2.5])) ** 2
+    val = TensorData(torch.zeros(1, 1), torch.zeros(1))
+    history = fit(obj, _data(n=8), TrainConfig(epochs=60, batch_size=8, lr=0.1, seed=0), val=val)
+    best = history.member_best_epochs
+    assert best is not None and len(best) == 3
+    assert best[0] < best[1] < best[2] <= 60
+    assert history.best_epoch == max(best)
+    torch.testing.assert_close(obj.w.detach(), torch.tensor([0.5, 1.5, 2.5]), atol=0.1, rtol=0)
+    assert fit(Quadratic(), _data(), TrainConfig(epochs=2), val=val).member_best_epochs is None
+
+
 def test_seed_fixes_the_data_order():
     def order(seed):
         obj = Quadratic()
@@ -170,6 +186,8 @@ def test_seed_fixes_the_data_order():
         ({"batch_size": 0}, "batch_size"),
         ({"lr": -1.0}, "lr"),
         ({"weight_decay": -1.0}, "weight_decay"),
+        ({"weight_decay": [0.1, -1.0]}, "weight_decay must be a number >= 0 or a non-empty"),
+        ({"weight_decay": []}, "weight_decay"),
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"patience": 0}, "patience"),
         ({"optimizer": "adamm"}, "unknown optimizer 'adamm'; choose one of 'adam'"),

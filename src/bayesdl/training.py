@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -81,7 +81,10 @@ class TrainConfig:
     ----------
     epochs: passes over the training data.
     batch_size: examples per step (ignored for a DataLoader, which batches itself).
-    lr: learning rate. weight_decay: L2 strength (see :class:`OptimizerName`).
+    lr: learning rate.
+    weight_decay: L2 strength (see :class:`OptimizerName`); for stacked members (deep ensembles,
+        MultiSWAG) also a sequence with one value per member, so that a grid over the prior
+        precision trains as one vectorised ensemble.
     optimizer: name of the optimiser. lr_schedule: see :class:`LRSchedule`.
     val_fraction: fraction of the training tensors held out for validation (0: none).
     val_data: an explicit validation pair ``(x, y)`` instead of a split.
@@ -94,7 +97,7 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 32
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float | Sequence[float] = 0.0
     optimizer: OptimizerName | str = OptimizerName.ADAM
     lr_schedule: LRSchedule | str = LRSchedule.CONSTANT
     val_fraction: float = 0.0
@@ -113,8 +116,16 @@ class TrainConfig:
             raise bad("batch_size", "a positive integer")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise bad("lr", "a positive finite number")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise bad("weight_decay", "a number >= 0")
+        decay = self.weight_decay
+        if isinstance(decay, Tensor):
+            decay = decay.tolist() if decay.ndim else float(decay)
+        if isinstance(decay, Sequence) and not isinstance(decay, str):
+            decay = tuple(decay)
+            if not decay or not all(_nonnegative(v) for v in decay):
+                raise bad("weight_decay", "a number >= 0 or a non-empty sequence of them")
+        elif not _nonnegative(decay):
+            raise bad("weight_decay", "a number >= 0 or a non-empty sequence of them")
+        self.weight_decay = decay
         if not (isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1):
             raise bad("val_fraction", "a number in [0, 1)")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
@@ -123,13 +134,26 @@ class TrainConfig:
         self.optimizer = resolve(OptimizerName, self.optimizer, "optimizer")
 
 
+def _nonnegative(value) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value >= 0
+        and math.isfinite(value)
+    )
+
+
 @dataclass
 class History:
     """What happened during ``fit``: mean training loss (and validation loss) per epoch."""
 
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    #: The last epoch whose validation loss improved (on any member, for stacked objectives).
     best_epoch: int | None = None
+    #: Stacked objectives with validation data: each member's best epoch (its weights are the
+    #: ones restored at the end).
+    member_best_epochs: list[int] | None = None
     stopped_early: bool = False
 
     @property
@@ -164,6 +188,8 @@ class Objective(Protocol):
 
     # Optional: ``end_epoch(epoch, optimizer)`` is called after every finished epoch (1-based),
     # for methods that act on the trajectory (SWAG) or adjust the optimiser's learning rate.
+    # Optional: ``n_members``, for stacked objectives whose every parameter has a leading member
+    # axis of that length (needed for one weight decay per member).
 
 
 def _make_optimizer(params: list[Tensor], config: TrainConfig) -> torch.optim.Optimizer:
@@ -172,7 +198,8 @@ def _make_optimizer(params: list[Tensor], config: TrainConfig) -> torch.optim.Op
     fused = bool(params) and all(
         p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
     )
-    options = {"lr": config.lr, "weight_decay": config.weight_decay}
+    per_member = isinstance(config.weight_decay, tuple)
+    options = {"lr": config.lr, "weight_decay": 0.0 if per_member else config.weight_decay}
     if fused:
         options["fused"] = True
     if config.optimizer is OptimizerName.ADAM:
@@ -180,6 +207,48 @@ def _make_optimizer(params: list[Tensor], config: TrainConfig) -> torch.optim.Op
     if config.optimizer is OptimizerName.ADAMW:
         return torch.optim.AdamW(params, **options)
     return torch.optim.SGD(params, momentum=0.9, **options)
+
+
+class _MemberDecay:
+    """One weight decay per stacked member, applied around the optimiser's step.
+
+    The optimisers take one ``weight_decay`` per parameter group; this gives member ``m`` its
+    own: L2 added to the gradients (Adam, SGD: ``g += wd_m * p``) or AdamW's decoupled shrink
+    (``p *= 1 - lr * wd_m``) before the step, each one fused call over all tensors.
+    """
+
+    def __init__(self, objective: Objective, params: list[Tensor], config: TrainConfig) -> None:
+        values = config.weight_decay
+        members = getattr(objective, "n_members", None)
+        if members is None:
+            raise ValueError(
+                f"weight_decay got {len(values)} values (one per member), but this method has "
+                "no stacked members; pass one number."
+            )
+        if len(values) != members:
+            raise ValueError(
+                f"weight_decay got {len(values)} values, but there are {members} members; pass "
+                f"{members} values or one number."
+            )
+        bad = [tuple(p.shape) for p in params if p.ndim == 0 or p.shape[0] != members]
+        if bad:
+            raise ValueError(f"parameters without a leading member axis of {members}: {bad}")
+        self.params = params
+        self.decoupled = config.optimizer is OptimizerName.ADAMW
+        first = params[0]
+        decay = torch.tensor(values, dtype=first.dtype, device=first.device)
+        self.views = [decay.view(members, *[1] * (p.ndim - 1)) for p in params]
+
+    @torch.no_grad()
+    def apply(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.decoupled:
+            lr = optimizer.param_groups[0]["lr"]
+            factors = [1 - lr * v for v in self.views]
+            torch._foreach_mul_(self.params, factors)
+            return
+        grads = [p.grad for p in self.params]
+        if all(g is not None for g in grads):
+            torch._foreach_addcmul_(grads, self.params, self.views)
 
 
 def _tensor_batches(
@@ -297,13 +366,16 @@ def fit(
     params = objective.parameters()
     state = objective.state()
     optimizer = _make_optimizer(params, config)
+    member_decay = (
+        _MemberDecay(objective, params, config) if isinstance(config.weight_decay, tuple) else None
+    )
     history = History()
     # Two snapshots guard against divergence: `verified` holds weights whose loss was seen to be
     # finite, `candidate` the weights at the start of this epoch (verified by its first batch).
     verified = [t.detach().clone() for t in state]
     candidate = [t.detach().clone() for t in state]
     verified_epoch = 0
-    best = best_loss = None
+    best = best_loss = member_best = None
     since_best = 0
     bar = _progress(config.epochs, config.progress)
 
@@ -336,6 +408,8 @@ def fit(
                         raise diverged(epoch, verified, verified_epoch)
                     first = False
                 loss.sum().backward()
+                if member_decay is not None:
+                    member_decay.apply(optimizer)
                 optimizer.step()
                 rows = yb.shape[1] if objective.n_orders > 1 else len(yb)
                 total = total + loss.detach().mean() * rows
@@ -358,6 +432,7 @@ def fit(
                     best, best_loss = [t.detach().clone() for t in state], vl.clone()
                     improved = torch.ones_like(vl, dtype=torch.bool)
                     history.best_epoch = epoch
+                    member_best = torch.full(vl.shape, epoch) if vl.ndim else None
                 else:
                     improved = vl < best_loss
                     if vl.ndim == 0:
@@ -365,6 +440,7 @@ def fit(
                             _copy_into(best, state)
                     else:
                         _copy_into(best, state, improved)
+                        member_best[improved.cpu()] = epoch
                     best_loss = torch.where(improved, vl, best_loss)
                     if bool(improved.any()):
                         history.best_epoch = epoch
@@ -379,5 +455,7 @@ def fit(
         bar.close()
     if best is not None:
         _copy_into(state, best)
+        if member_best is not None:
+            history.member_best_epochs = member_best.tolist()
     objective.train(False)
     return history

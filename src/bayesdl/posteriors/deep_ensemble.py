@@ -44,6 +44,7 @@ class _EnsembleObjective:
 
     def __init__(self, ensemble: StackedMembers) -> None:
         self.ensemble = ensemble
+        self.n_members = ensemble.n_members
         self.n_orders = ensemble.n_members if ensemble.independent_data_order else 1
 
     def parameters(self) -> list[Tensor]:
@@ -120,6 +121,19 @@ class StackedMembers(Posterior):
                 "the members are initialised independently.",
                 stacklevel=4,
             )
+
+    def member(self, m: int) -> tuple[nn.Module, Likelihood]:
+        """Member ``m`` as plain modules: copies of the user's model and of the likelihood
+        holding that member's parameters and buffers (e.g. to save one member, or to fit a
+        Laplace approximation around it)."""
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < self.n_members:
+            raise ValueError(f"m must be an integer in [0, {self.n_members}), got {m!r}.")
+        network = copy.deepcopy(self.network)
+        own = {**dict(network.named_parameters()), **dict(network.named_buffers())}
+        with torch.no_grad():
+            for name, stacked in (*self._params.items(), *self._buffers.items()):
+                own[name].copy_(stacked[m])
+        return network.model, network.likelihood
 
     @contextlib.contextmanager
     def _evaluating(self):
