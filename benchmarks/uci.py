@@ -57,6 +57,11 @@ SEED = 0
 PREDICT_SEED = 1234
 
 MAX_STEPS = 5_000
+#: Early stopping of the grid fits: stop after this fraction of the epoch budget (at least
+#: :data:`MIN_PATIENCE` epochs) without a better validation loss. Not for the trajectory
+#: methods, whose posterior is collected late in the run.
+PATIENCE_FRACTION = 0.2
+MIN_PATIENCE = 20
 #: Prior precisions tried by every method: weight decay ``lambda / n`` for a training set of ``n``
 #: rows (the L2 term of a Gaussian prior of precision ``lambda`` on the mean loss), or for VI the
 #: Gaussian prior ``N(0, 1 / lambda)`` itself.
@@ -70,12 +75,18 @@ GRIDS: dict[str, tuple[dict, ...]] = {
     "deterministic": DEFAULT_GRID,
     "deep_ensemble": tuple({**c, "build": {"n_members": 5}} for c in DEFAULT_GRID),
     "mc_dropout": tuple({"precision": 3.0, "dropout": p} for p in (0.01, 0.05, 0.1)),
-    "mean_field_vi": tuple({**c, "build": {"estimator": "local"}} for c in DEFAULT_GRID),
+    "mean_field_vi": DEFAULT_GRID,
     "swag": tuple({**c, "build": {"swa_start": 0.5}} for c in DEFAULT_GRID),
     "laplace": DEFAULT_GRID,
 }
 #: Methods whose posterior is the training trajectory: refit for the full epoch count.
 TRAJECTORY_METHODS = frozenset({"swag"})
+#: Methods whose grid over the prior precision trains as one stacked program: every candidate
+#: becomes a group of members of one ensemble with its own weight decay
+#: (``TrainConfig.weight_decay`` per member) and its own best validation epoch; the point estimate
+#: and Laplace's MAP networks are members started from the same initialisation with the same
+#: data order, so each is exactly the network a separate fit would give.
+STACKED_GRID = frozenset({"deterministic", "deep_ensemble", "laplace", "swag"})
 
 
 def mlp(n_features: int, n_hidden: int, dropout: float = 0.0) -> nn.Module:
@@ -116,15 +127,28 @@ class Scores:
 def evaluate(post, x: Tensor, y: Tensor, scaler: Standardizer) -> Scores:
     """RMSE and mean log-likelihood on the original scale; ``x`` standardised, ``y`` original."""
     generator = torch.Generator().manual_seed(PREDICT_SEED)
-    pred = post.predict(x, generator=generator)
+    return score(post.predict(x, generator=generator), y, scaler)
+
+
+def score(pred, y: Tensor, scaler: Standardizer) -> Scores:
+    """:class:`Scores` of a predictive on standardised targets against original targets ``y``."""
     mean = scaler.inverse_mean(pred.mean)
     rmse = float(((mean - y) ** 2).mean().sqrt())
     ll = float(pred.log_prob(scaler.transform_y(y)).mean()) + scaler.log_density_correction()
     return Scores(rmse, ll)
 
 
+def patience_for(method: str, epochs: int) -> int | None:
+    """Early-stopping patience of the grid fits (``None`` for trajectory methods)."""
+    if method in TRAJECTORY_METHODS:
+        return None
+    return max(MIN_PATIENCE, round(PATIENCE_FRACTION * epochs))
+
+
 def _fit(post, method: str, x, y, candidate: dict, epochs: int, seed: int, val=None):
     options = {"epochs": epochs, "batch_size": BATCH_SIZE, "lr": LR, "seed": seed}
+    if val is not None:
+        options["patience"] = patience_for(method, epochs)
     if "precision" in candidate and method != "mean_field_vi":
         options["weight_decay"] = candidate["precision"] / len(x)
     return post.fit((x, y), val_data=val, progress=False, **options)
@@ -150,16 +174,21 @@ def run_method(
     inner = Standardizer.fit(x_in, y_in)
     xi, yi, xv = inner.transform_x(x_in), inner.transform_y(y_in), inner.transform_x(x_val)
     epochs = epochs_for(len(x_in), n_epochs, epochs_scale)
+    if len(grid) < 2:
+        outcomes = []
+    elif method in STACKED_GRID:
+        outcomes = _stacked_grid(method, grid, split, n_hidden, seed, inner, epochs, (xi, yi, xv))
+    else:
+        outcomes = []
+        for candidate in grid:
+            post = build(method, candidate, split.x_train.shape[1], n_hidden, seed)
+            yv = inner.transform_y(y_val)
+            history = _fit(post, method, xi, yi, candidate, epochs, seed, val=(xv, yv))
+            outcomes.append((evaluate(post, xv, y_val, inner).ll, history.best_epoch or epochs))
     best = None
-    for k, candidate in enumerate(grid) if len(grid) > 1 else []:
-        post = build(method, candidate, split.x_train.shape[1], n_hidden, seed)
-        yv = inner.transform_y(y_val)
-        history = _fit(post, method, xi, yi, candidate, epochs, seed, val=(xv, yv))
-        val_ll = evaluate(post, xv, y_val, inner).ll
-        if not math.isfinite(val_ll):
-            continue
-        if best is None or val_ll > best[1]:
-            best = (k, val_ll, history.best_epoch or epochs)
+    for k, (val_ll, best_epoch) in enumerate(outcomes):
+        if math.isfinite(val_ll) and (best is None or val_ll > best[1]):
+            best = (k, val_ll, best_epoch)
     k, val_ll, best_epoch = best if best is not None else (0, float("nan"), epochs)
     candidate = grid[k]
     refit_epochs = epochs if method in TRAJECTORY_METHODS else max(1, best_epoch)
@@ -176,6 +205,77 @@ def run_method(
     )
     scores = evaluate(post, scaler.transform_x(split.x_test), split.y_test, scaler)
     return scores, {"candidate": k, "val_ll": val_ll, "epochs": refit_epochs}
+
+
+def _stacked_grid(
+    method: str,
+    grid: Sequence[dict],
+    split: UCISplit,
+    n_hidden: int,
+    seed: int,
+    inner: Standardizer,
+    epochs: int,
+    tensors: tuple[Tensor, Tensor, Tensor],
+) -> list[tuple[float, int]]:
+    """Every candidate of ``grid`` in one stacked fit (see :data:`STACKED_GRID`).
+
+    Returns ``(validation log-likelihood, best epoch)`` per candidate, as the loop over
+    candidates would.
+    """
+    xi, yi, xv = tensors
+    y_val = split.y_train[len(xi) :]
+    yv = inner.transform_y(y_val)
+    lams = [c["precision"] for c in grid]
+    if any(c.get("build") != grid[0].get("build") for c in grid):
+        raise ValueError(
+            f"{method}: a stacked grid needs the same build options for every candidate"
+        )
+    options = dict(grid[0].get("build", {}))
+    per = options.pop("n_members", 1)
+    torch.manual_seed(seed)
+    net = mlp(split.x_train.shape[1], n_hidden)
+    if method == "deep_ensemble":
+        post = bdl.DeepEnsemble(net, "gaussian", n_members=per * len(grid), seed=seed)
+    elif method == "swag":
+        post = bdl.SWAG(
+            net, "gaussian", n_members=len(grid), reinitialize=False, seed=seed, **options
+        )
+    else:  # the point estimate (also Laplace's MAP): same start, same data order
+        post = bdl.DeepEnsemble(
+            net, "gaussian", n_members=len(grid), reinitialize=False, independent_data_order=False
+        )
+    decay = [lam / len(xi) for lam in lams for _ in range(per)]
+    history = post.fit(
+        (xi, yi),
+        val_data=(xv, yv),
+        epochs=epochs,
+        batch_size=BATCH_SIZE,
+        lr=LR,
+        seed=seed,
+        weight_decay=decay,
+        patience=patience_for(method, epochs),
+        progress=False,
+    )
+    member_best = history.member_best_epochs or [epochs] * len(decay)
+    generator = torch.Generator().manual_seed(PREDICT_SEED)
+    if method == "swag":
+        draws = 100
+        outputs = post.sample_outputs(xv, draws * len(grid), generator=generator)
+    else:
+        draws = per
+        outputs = post.sample_outputs(xv)
+    outcomes = []
+    for k in range(len(grid)):
+        if method == "laplace":
+            model, _ = post.member(k)
+            laplace = bdl.Laplace(model, "gaussian", **options)
+            laplace.fit((xi, yi))
+            val_ll = evaluate(laplace, xv, y_val, inner).ll
+        else:
+            pred = post.likelihood.predictive(outputs[k * draws : (k + 1) * draws])
+            val_ll = score(pred, y_val, inner).ll
+        outcomes.append((val_ll, max(member_best[k * per : (k + 1) * per])))
+    return outcomes
 
 
 @dataclass

@@ -127,3 +127,22 @@ def test_module_entry_point():
     )
     assert proc.returncode == 0, proc.stderr
     assert "--epochs-scale" in proc.stdout and "--data-dir" in proc.stdout
+
+
+@pytest.mark.parametrize("method", ["deterministic", "laplace"])
+def test_stacked_grid_gives_the_candidates_of_separate_fits(tmp_path, monkeypatch, method):
+    """The grid trained as one stacked program (candidates as members with their own weight
+    decay, same start and data order) selects from the same numbers as one fit per candidate."""
+    write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
+    split = bdl.data.load_uci(tmp_path / "toy").split(0)
+    torch.set_default_dtype(torch.float64)
+    try:
+        stacked = uci.run_method(method, split, n_hidden=8, n_epochs=30)
+        monkeypatch.setattr(uci, "STACKED_GRID", frozenset())
+        looped = uci.run_method(method, split, n_hidden=8, n_epochs=30)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert stacked[1]["candidate"] == looped[1]["candidate"]
+    assert stacked[1]["epochs"] == looped[1]["epochs"]
+    assert stacked[1]["val_ll"] == pytest.approx(looped[1]["val_ll"], rel=1e-6)
+    assert stacked[0].ll == pytest.approx(looped[0].ll, rel=1e-6)
