@@ -15,9 +15,12 @@ The protocol, the same for every data set and method (written up in the README):
 * hyper-parameters by one automatic procedure: the last 20% of each training split (in the order
   of its index file) is held out; every candidate of the method's grid (:data:`GRIDS`) is trained
   on the first 80% with Adam for ``n_epochs * epochs_scale`` epochs, keeping the epoch with the
-  best validation loss; the candidate with the best validation log-likelihood of the method's own
-  predictive wins, and the method is refitted on the whole training split with that candidate
-  for the chosen number of epochs (the full count for SWAG, whose posterior is the trajectory);
+  best validation loss and stopping after :data:`PATIENCE_FRACTION` of the epochs without a
+  better one (not SWAG); the candidates of the methods in :data:`STACKED_GRID` train together as
+  members of one stacked ensemble with one weight decay each; the candidate with the best
+  validation log-likelihood of the method's own predictive wins, and the method is refitted on
+  the whole training split with that candidate for the chosen number of epochs (the full count
+  for SWAG, whose posterior is the trajectory);
 * test RMSE of the predictive mean and mean per-point test log-likelihood of the predictive
   (the Gaussian mixture over the method's draws), both on the original target scale (the
   log-density of standardised targets minus ``log(y_std)``); mean and standard error over splits.
@@ -477,6 +480,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "val_fraction": VAL_FRACTION,
                 "max_steps": MAX_STEPS,
                 "precisions": list(PRECISIONS),
+                "patience_fraction": PATIENCE_FRACTION,
+                "min_patience": MIN_PATIENCE,
+                "stacked_grid": sorted(STACKED_GRID),
                 "splits": args.splits,
                 "threads": torch.get_num_threads(),
             },

@@ -63,3 +63,33 @@ def test_homoscedastic_likelihood_moves_with_the_model():
     post = bdl.MCDropout(mlp(n_out=1).to(CUDA), "homoscedastic_gaussian")
     assert post.likelihood.log_variance.device.type == "cuda"
     assert post.predict(torch.randn(3, 4), 5).aleatoric.device.type == "cuda"
+
+
+def test_vi_training_buffers_and_pooled_noise_on_cuda():
+    """The allocation-free training step and the noise pool (P above the pooling size) on the
+    GPU: the pool, the buffers and the gradients live there, and the same seed repeats a fit."""
+    from bayesdl.posteriors import mean_field_vi as mfv
+
+    net = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.ReLU(), torch.nn.Linear(100, 3))
+    net = net.to(CUDA)
+    x, y = torch.randn(256, 100, device=CUDA), torch.randint(0, 3, (256,), device=CUDA)
+    runs = []
+    for _ in range(2):
+        post = bdl.MeanFieldVI(net, "categorical")
+        assert post.n_bayesian * mfv.POOL_STEPS > mfv.POOL_FRESH_BELOW
+        post.fit((x, y), epochs=2, batch_size=64, seed=0)
+        assert post._noise.device.type == "cuda" and post.mu.grad.device.type == "cuda"
+        runs.append(post.mu.detach().clone())
+    torch.testing.assert_close(runs[0], runs[1])
+
+
+def test_per_member_weight_decay_on_cuda():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    ens = bdl.DeepEnsemble(net.to(CUDA), "gaussian", n_members=3, seed=0)
+    x, y = torch.randn(64, 4, device=CUDA), torch.randn(64, device=CUDA)
+    history = ens.fit(
+        (x, y), epochs=3, batch_size=16, weight_decay=[0.0, 0.1, 1.0], val_fraction=0.25, seed=0
+    )
+    assert len(history.member_best_epochs) == 3
+    model, _ = ens.member(2)
+    assert next(model.parameters()).device.type == "cuda"
