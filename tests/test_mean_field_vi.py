@@ -431,3 +431,27 @@ def test_fit_workspace_gives_the_gradients_of_the_plain_path():
     objective.loss(x, y, 30)  # overwrites the buffers the older graph saved
     with pytest.raises(RuntimeError, match="modified inplace|modified by an inplace"):
         older.backward()
+
+
+def test_output_noise_layers_draw_no_weight_noise_with_a_closed_form_kl():
+    """With local reparameterisation and a Gaussian prior, the Linear layers get output noise and
+    only the other Bayesian layers (here a LayerNorm) draw weight noise; both kinds still get
+    gradients for their standard deviations from the likelihood term."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 2))
+    post = bdl.MeanFieldVI(net, "gaussian", estimator="local", kl_weight=0.0, init_std=0.1)
+
+    def no_full_draw():
+        raise AssertionError("a full weight draw was made")
+
+    post._next_noise = no_full_draw
+    x, y = torch.randn(16, 3), torch.randn(16)
+    objective = post._objective()
+    objective.loss(x, y, 16).backward()
+    grads = post._views(post.log_std.grad)
+    for name in ("0.weight", "1.weight", "1.bias", "3.weight"):
+        assert grads[f"model.{name}"].abs().sum() > 0, name
+    # with a Monte Carlo KL (scale-mixture prior) every parameter needs a weight sample
+    mixture = bdl.MeanFieldVI(net, "gaussian", estimator="local", prior=ScaleMixturePrior())
+    mixture._objective().loss(x, y, 16)
+    assert mixture._last_noise is not None and len(mixture._last_noise) == mixture.n_bayesian

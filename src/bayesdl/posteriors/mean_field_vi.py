@@ -341,10 +341,35 @@ class MeanFieldVI(Posterior):
                 out = self._swap(tuple(views[n] for n in self.bayesian_names), x)
             return self.likelihood.nll(out, y).mean(), kl
         sigma = self.sigma
-        w = torch.addcmul(self.mu, sigma, self._next_noise())
         mean_views = self._views(self.mu) if local else {}
         sigma_views = self._views(sigma) if local else {}
-        views = self._views(w)
+        served = {
+            name
+            for module_name in local
+            for name in (f"{module_name}.weight", f"{module_name}.bias")
+            if name in mean_views
+        }
+        w = None
+        if served and self.prior.closed_form:
+            # Layers served by output noise need no weight noise (a closed-form KL needs no
+            # weight sample either): draw normals only for the weight-sampled parameters.
+            rest = [n for n in self.bayesian_names if n not in served]
+            eps = randn(
+                sum(mean_views[n].numel() for n in rest),
+                dtype=sigma.dtype,
+                device=sigma.device,
+            )
+            views, offset = {}, 0
+            for name in self.bayesian_names:
+                if name in served:
+                    continue
+                k = mean_views[name].numel()
+                noise = eps[offset : offset + k].view_as(mean_views[name])
+                views[name] = torch.addcmul(mean_views[name], sigma_views[name], noise)
+                offset += k
+        else:
+            w = torch.addcmul(self.mu, sigma, self._next_noise())
+            views = self._views(w)
         table = {}
         for module_name, est in local.items():
             wname, bname = f"{module_name}.weight", f"{module_name}.bias"
