@@ -248,7 +248,7 @@ def test_bad_input():
         conformal.conformal_sets(clf, xc[:30], yc[:30].double(), xc[30:], 0.1)
     with pytest.raises(TypeError, match="randomized must be True or False"):
         conformal.conformal_sets(clf, xc[:30], yc[:30], xc[30:], 0.1, randomized="yes")
-    with pytest.raises(TypeError, match="expected a fitted bayesdl posterior"):
+    with pytest.raises(TypeError, match="expected a fitted bayesdl Posterior"):
         conformal.conformal_sets(nn.Linear(6, 5), xc[:30], yc[:30], xc[30:], 0.1)
     pred = clf.predict(xc)
     wider = ClassificationPrediction(torch.log_softmax(torch.zeros(1, 4, 6, dtype=F64), -1))

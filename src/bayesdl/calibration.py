@@ -309,7 +309,9 @@ def calibrate(
     )
 
 
-def _require_task(posterior: object, task: str, other: str) -> None:
+def require_task(posterior: object, task: str, other: str) -> None:
+    """A fitted Posterior or CalibratedPosterior of ``task``, else an error naming ``other``, the
+    function for the other task (shared by calibration and conformal prediction)."""
     _check_posterior(posterior)
     if posterior.task != task:
         raise ValueError(
@@ -332,7 +334,7 @@ def temperature_scale(
     over-confident predictions. The argmax of every draw is unchanged, so a single network's
     accuracy is too (a mixture's argmax can move slightly when ``T`` reweights its draws).
     """
-    _require_task(posterior, "classification", "variance_scale")
+    require_task(posterior, "classification", "variance_scale")
     return calibrate(
         posterior, x_val, y_val, n_samples=n_samples, generator=generator, max_iter=max_iter
     )
@@ -353,7 +355,7 @@ def variance_scale(
     variance, i.e. the aleatoric part; ``s > 1`` widens over-confident intervals. The means, and
     so the epistemic part ``Var_s[mu_s]``, are unchanged.
     """
-    _require_task(posterior, "regression", "temperature_scale")
+    require_task(posterior, "regression", "temperature_scale")
     return calibrate(
         posterior, x_val, y_val, n_samples=n_samples, generator=generator, max_iter=max_iter
     )

@@ -37,6 +37,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from bayesdl.calibration import require_task
 from bayesdl.predictions import ClassificationPrediction, RegressionPrediction
 
 __all__ = [
@@ -371,18 +372,6 @@ def split_conformal_classification(
 # ---------------------------------------------------------------- on a posterior
 
 
-def _check_task(posterior: object, task: str, other: str) -> None:
-    if not (hasattr(posterior, "predict") and hasattr(posterior, "task")):
-        raise TypeError(
-            f"expected a fitted bayesdl posterior (or CalibratedPosterior), got "
-            f"{type(posterior).__name__}."
-        )
-    if posterior.task != task:
-        raise ValueError(
-            f"this needs a {task} posterior, got a {posterior.task} one; use {other} instead."
-        )
-
-
 def _check_pair_lengths(pred_len: int, y, name: str) -> None:
     n = len(torch.as_tensor(y))
     if n != pred_len:
@@ -423,7 +412,7 @@ def conformal_intervals(
     ConformalIntervals
     """
     alpha = _check_alpha(alpha)
-    _check_task(posterior, "regression", "conformal_sets")
+    require_task(posterior, "regression", "conformal_sets")
     pred_cal = posterior.predict(x_cal, n_samples, generator=generator)
     _check_pair_lengths(len(pred_cal.mean), y_cal, "y_cal")
     pred_test = posterior.predict(x_test, n_samples, generator=generator)
@@ -464,7 +453,7 @@ def conformal_sets(
     ConformalSets
     """
     alpha = _check_alpha(alpha)
-    _check_task(posterior, "classification", "conformal_intervals")
+    require_task(posterior, "classification", "conformal_intervals")
     pred_cal = posterior.predict(x_cal, n_samples, generator=generator)
     _check_pair_lengths(len(pred_cal.probs), y_cal, "y_cal")
     pred_test = posterior.predict(x_test, n_samples, generator=generator)
