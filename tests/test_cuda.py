@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -75,7 +77,7 @@ def test_vi_training_buffers_and_pooled_noise_on_cuda():
     x, y = torch.randn(256, 100, device=CUDA), torch.randint(0, 3, (256,), device=CUDA)
     runs = []
     for _ in range(2):
-        post = bdl.MeanFieldVI(net, "categorical")
+        post = bdl.MeanFieldVI(copy.deepcopy(net), "categorical")  # fit writes the means back
         assert post.n_bayesian * mfv.POOL_STEPS > mfv.POOL_FRESH_BELOW
         post.fit((x, y), epochs=2, batch_size=64, seed=0)
         assert post._noise.device.type == "cuda" and post.mu.grad.device.type == "cuda"
