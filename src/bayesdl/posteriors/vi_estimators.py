@@ -98,7 +98,7 @@ class SampleWithGaussianKL(torch.autograd.Function):
         mu, eps, sigma = ctx.saved_tensors
         c = float(grad_kl)
         grad_mu = torch.add(grad_w, mu, alpha=c * ctx.inv_s2)
-        grad_log_std = grad_w.mul_(eps)  # grad_w is this node's own buffer, used up here
+        grad_log_std = grad_w * eps
         grad_log_std.mul_(sigma).addcmul_(sigma, sigma, value=c * ctx.inv_s2).sub_(c)
         return grad_mu, grad_log_std, None, None
 
@@ -112,7 +112,8 @@ class FitWorkspace:
     at 5x the cost of the same op into a reused buffer here); a mean-field step made five of them.
     ``grad_mu`` / ``grad_log_std`` become the ``.grad`` of the leaves by assignment, so autograd
     never copies them; autograd's version counters catch any buffer overwritten while a graph
-    that saved it is still alive.
+    that saved it is still alive. ``mu`` and ``log_std`` are the flat leaves ``(P,)``; ``sizes``
+    and ``shapes`` the layout of the parameter tensors in them; the four buffers are ``(P,)``.
     """
 
     mu: Tensor
