@@ -180,7 +180,7 @@ def run_method(
     if len(grid) < 2:
         outcomes = []
     elif method in STACKED_GRID:
-        outcomes = _stacked_grid(method, grid, split, n_hidden, seed, inner, epochs, (xi, yi, xv))
+        outcomes = _stacked_grid(method, grid, n_hidden, seed, inner, epochs, (xi, yi), (xv, y_val))
     else:
         outcomes = []
         for candidate in grid:
@@ -213,20 +213,20 @@ def run_method(
 def _stacked_grid(
     method: str,
     grid: Sequence[dict],
-    split: UCISplit,
     n_hidden: int,
     seed: int,
     inner: Standardizer,
     epochs: int,
-    tensors: tuple[Tensor, Tensor, Tensor],
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
 ) -> list[tuple[float, int]]:
     """Every candidate of ``grid`` in one stacked fit (see :data:`STACKED_GRID`).
 
-    Returns ``(validation log-likelihood, best epoch)`` per candidate, as the loop over
-    candidates would.
+    ``train`` holds standardised inputs and targets, ``val`` standardised inputs and targets on
+    the original scale. Returns ``(validation log-likelihood, best epoch)`` per candidate, as the
+    loop over candidates would.
     """
-    xi, yi, xv = tensors
-    y_val = split.y_train[len(xi) :]
+    (xi, yi), (xv, y_val) = train, val
     yv = inner.transform_y(y_val)
     lams = [c["precision"] for c in grid]
     if any(c.get("build") != grid[0].get("build") for c in grid):
@@ -236,7 +236,7 @@ def _stacked_grid(
     options = dict(grid[0].get("build", {}))
     per = options.pop("n_members", 1)
     torch.manual_seed(seed)
-    net = mlp(split.x_train.shape[1], n_hidden)
+    net = mlp(xi.shape[1], n_hidden)
     if method == "deep_ensemble":
         post = bdl.DeepEnsemble(net, "gaussian", n_members=per * len(grid), seed=seed)
     elif method == "swag":
@@ -260,16 +260,14 @@ def _stacked_grid(
         progress=False,
     )
     member_best = history.member_best_epochs or [epochs] * len(decay)
-    generator = torch.Generator().manual_seed(PREDICT_SEED)
-    if method == "swag":
-        draws = 100
-        outputs = post.sample_outputs(xv, draws * len(grid), generator=generator)
-    else:
-        draws = per
-        outputs = post.sample_outputs(xv)
+    draws = 100 if method == "swag" else per  # outputs per candidate
+    if method != "laplace":
+        generator = torch.Generator().manual_seed(PREDICT_SEED)
+        n_samples = draws * len(grid) if method == "swag" else None
+        outputs = post.sample_outputs(xv, n_samples, generator=generator)
     outcomes = []
     for k in range(len(grid)):
-        if method == "laplace":
+        if method == "laplace":  # the Laplace predictive around candidate k's MAP network
             model, _ = post.member(k)
             laplace = bdl.Laplace(model, "gaussian", **options)
             laplace.fit((xi, yi))
