@@ -70,13 +70,19 @@ MIN_PATIENCE = 20
 #: Gaussian prior ``N(0, 1 / lambda)`` itself.
 PRECISIONS = (0.3, 3.0, 30.0)
 
+#: Training losses tried by deep ensembles: the Gaussian's ``beta`` (0: the NLL, 1: beta-NLL, whose
+#: mean is trained as by the squared error; see :class:`bayesdl.Gaussian`).
+BETAS = (0.0, 1.0)
+
 #: Candidates per method: ``"precision"`` (see :data:`PRECISIONS`), ``"dropout"`` (MC dropout's
-#: rate) and other constructor options under ``"build"``. A registered method not listed here gets
-#: :data:`DEFAULT_GRID`.
+#: rate), ``"beta"`` (the likelihood's training loss, default 0) and other constructor options
+#: under ``"build"``. A registered method not listed here gets :data:`DEFAULT_GRID`.
 DEFAULT_GRID: tuple[dict, ...] = tuple({"precision": lam} for lam in PRECISIONS)
 GRIDS: dict[str, tuple[dict, ...]] = {
     "deterministic": DEFAULT_GRID,
-    "deep_ensemble": tuple({**c, "build": {"n_members": 5}} for c in DEFAULT_GRID),
+    "deep_ensemble": tuple(
+        {**c, "beta": beta, "build": {"n_members": 5}} for beta in BETAS for c in DEFAULT_GRID
+    ),
     "mc_dropout": tuple({"precision": 3.0, "dropout": p} for p in (0.01, 0.05, 0.1)),
     "mean_field_vi": DEFAULT_GRID,
     "swag": tuple({**c, "build": {"swa_start": 0.5}} for c in DEFAULT_GRID),
@@ -103,6 +109,7 @@ def mlp(n_features: int, n_hidden: int, dropout: float = 0.0) -> nn.Module:
 def build(method: str, candidate: dict, n_features: int, n_hidden: int, seed: int):
     """The posterior of ``method`` for one grid candidate, on a freshly initialised network."""
     torch.manual_seed(seed)
+    likelihood = bdl.Gaussian(beta=candidate.get("beta", 0.0))
     net = mlp(n_features, n_hidden, candidate.get("dropout", 0.0))
     options = dict(candidate.get("build", {}))
     if method == "mean_field_vi" and "precision" in candidate:
@@ -110,7 +117,7 @@ def build(method: str, candidate: dict, n_features: int, n_hidden: int, seed: in
     cls = bdl.get_posterior(method)
     if method in ("deep_ensemble", "swag"):
         options.setdefault("seed", seed)
-    return cls(net, "gaussian", **options)
+    return cls(net, likelihood, **options)
 
 
 def epochs_for(n_rows: int, n_epochs: int, epochs_scale: float) -> int:
@@ -220,32 +227,55 @@ def _stacked_grid(
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
 ) -> list[tuple[float, int]]:
-    """Every candidate of ``grid`` in one stacked fit (see :data:`STACKED_GRID`).
+    """Every candidate of ``grid`` in stacked fits (see :data:`STACKED_GRID`): candidates that
+    differ only in their precision are members of one fit; each other combination of options
+    (the likelihood's ``beta``, build options) is a fit of its own.
 
     ``train`` holds standardised inputs and targets, ``val`` standardised inputs and targets on
     the original scale. Returns ``(validation log-likelihood, best epoch)`` per candidate, as the
     loop over candidates would.
     """
+    groups: dict[str, list[int]] = {}
+    for k, candidate in enumerate(grid):
+        rest = {name: v for name, v in candidate.items() if name != "precision"}
+        groups.setdefault(json.dumps(rest, sort_keys=True), []).append(k)
+    outcomes: list[tuple[float, int]] = [(float("nan"), epochs)] * len(grid)
+    for ks in groups.values():
+        group = [grid[k] for k in ks]
+        results = _stacked_fit(method, group, n_hidden, seed, inner, epochs, train, val)
+        for k, outcome in zip(ks, results, strict=True):
+            outcomes[k] = outcome
+    return outcomes
+
+
+def _stacked_fit(
+    method: str,
+    group: Sequence[dict],
+    n_hidden: int,
+    seed: int,
+    inner: Standardizer,
+    epochs: int,
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+) -> list[tuple[float, int]]:
+    """One stacked fit of candidates that differ only in their precision."""
     (xi, yi), (xv, y_val) = train, val
     yv = inner.transform_y(y_val)
-    lams = [c["precision"] for c in grid]
-    if any(c.get("build") != grid[0].get("build") for c in grid):
-        raise ValueError(
-            f"{method}: a stacked grid needs the same build options for every candidate"
-        )
-    options = dict(grid[0].get("build", {}))
+    lams = [c["precision"] for c in group]
+    options = dict(group[0].get("build", {}))
     per = options.pop("n_members", 1)
     torch.manual_seed(seed)
     net = mlp(xi.shape[1], n_hidden)
+    likelihood = bdl.Gaussian(beta=group[0].get("beta", 0.0))
     if method == "deep_ensemble":
-        post = bdl.DeepEnsemble(net, "gaussian", n_members=per * len(grid), seed=seed)
+        post = bdl.DeepEnsemble(net, likelihood, n_members=per * len(group), seed=seed)
     elif method == "swag":
         post = bdl.SWAG(
-            net, "gaussian", n_members=len(grid), reinitialize=False, seed=seed, **options
+            net, likelihood, n_members=len(group), reinitialize=False, seed=seed, **options
         )
     else:  # the point estimate (also Laplace's MAP): same start, same data order
         post = bdl.DeepEnsemble(
-            net, "gaussian", n_members=len(grid), reinitialize=False, independent_data_order=False
+            net, likelihood, n_members=len(group), reinitialize=False, independent_data_order=False
         )
     decay = [lam / len(xi) for lam in lams for _ in range(per)]
     history = post.fit(
@@ -263,13 +293,13 @@ def _stacked_grid(
     draws = 100 if method == "swag" else per  # outputs per candidate
     if method != "laplace":
         generator = torch.Generator().manual_seed(PREDICT_SEED)
-        n_samples = draws * len(grid) if method == "swag" else None
+        n_samples = draws * len(group) if method == "swag" else None
         outputs = post.sample_outputs(xv, n_samples, generator=generator)
     outcomes = []
-    for k in range(len(grid)):
+    for k in range(len(group)):
         if method == "laplace":  # the Laplace predictive around candidate k's MAP network
-            model, _ = post.member(k)
-            laplace = bdl.Laplace(model, "gaussian", **options)
+            model, member_likelihood = post.member(k)
+            laplace = bdl.Laplace(model, member_likelihood, **options)
             laplace.fit((xi, yi))
             val_ll = evaluate(laplace, xv, y_val, inner).ll
         else:
@@ -478,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "val_fraction": VAL_FRACTION,
                 "max_steps": MAX_STEPS,
                 "precisions": list(PRECISIONS),
+                "grids": {m: list(GRIDS.get(m, DEFAULT_GRID)) for m in methods},
                 "patience_fraction": PATIENCE_FRACTION,
                 "min_patience": MIN_PATIENCE,
                 "stacked_grid": sorted(STACKED_GRID),

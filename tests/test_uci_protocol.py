@@ -146,3 +146,39 @@ def test_stacked_grid_gives_the_candidates_of_separate_fits(tmp_path, monkeypatc
     assert stacked[1]["epochs"] == looped[1]["epochs"]
     assert stacked[1]["val_ll"] == pytest.approx(looped[1]["val_ll"], rel=1e-6)
     assert stacked[0].ll == pytest.approx(looped[0].ll, rel=1e-6)
+
+
+def test_stacked_grid_groups_candidates_by_beta(tmp_path, monkeypatch):
+    """Candidates with different likelihood ``beta`` train as separate stacked fits; every
+    candidate's validation score lands at its own place in the grid (interleaved on purpose)."""
+    write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
+    split = bdl.data.load_uci(tmp_path / "toy").split(0)
+    grid = (
+        {"precision": 0.3, "beta": 1.0},
+        {"precision": 3.0, "beta": 0.0},
+        {"precision": 30.0, "beta": 1.0},
+        {"precision": 0.3, "beta": 0.0},
+    )
+    monkeypatch.setitem(uci.GRIDS, "deterministic", grid)
+    torch.set_default_dtype(torch.float64)
+    try:
+        n = len(split.x_train)
+        n_val = round(uci.VAL_FRACTION * n)
+        inner = bdl.data.Standardizer.fit(split.x_train[: n - n_val], split.y_train[: n - n_val])
+        xi = inner.transform_x(split.x_train[: n - n_val])
+        yi = inner.transform_y(split.y_train[: n - n_val])
+        val = (inner.transform_x(split.x_train[n - n_val :]), split.y_train[n - n_val :])
+        stacked = uci._stacked_grid("deterministic", grid, 8, 0, inner, 30, (xi, yi), val)
+        for k, candidate in enumerate(grid):  # each candidate alone, as a one-member stack
+            alone = uci._stacked_grid("deterministic", [candidate], 8, 0, inner, 30, (xi, yi), val)
+            assert stacked[k][0] == pytest.approx(alone[0][0], rel=1e-6)
+            assert stacked[k][1] == alone[0][1]
+        monkeypatch.setattr(uci, "STACKED_GRID", frozenset())
+        looped = uci.run_method("deterministic", split, n_hidden=8, n_epochs=30)
+        monkeypatch.undo()
+        monkeypatch.setitem(uci.GRIDS, "deterministic", grid)
+        grouped = uci.run_method("deterministic", split, n_hidden=8, n_epochs=30)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert stacked[0][0] != pytest.approx(stacked[3][0])  # beta changes the fit
+    assert grouped[1] == pytest.approx(looped[1], rel=1e-6)

@@ -71,10 +71,10 @@ class NetworkObjective:
         self.network.train(mode)
 
     def loss(self, x: Tensor, y: Tensor, n_data: int) -> Tensor:
-        return self.network.likelihood.nll(self.network(x), y).mean()
+        return self.network.likelihood.training_loss(self.network(x), y).mean()
 
     def val_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.loss(x, y, len(x))
+        return self.network.likelihood.nll(self.network(x), y).mean()
 
 
 class Posterior(ABC):

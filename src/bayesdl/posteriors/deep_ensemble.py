@@ -58,7 +58,7 @@ class _EnsembleObjective:
 
     def loss(self, x: Tensor, y: Tensor, n_data: int) -> Tensor:
         per_member = 0 if self.n_orders > 1 else None
-        return self.ensemble._member_losses(x, y, per_member)
+        return self.ensemble._member_losses(x, y, per_member, train=True)
 
     def val_loss(self, x: Tensor, y: Tensor) -> Tensor:
         return self.ensemble._member_losses(x, y, None)
@@ -149,9 +149,13 @@ class StackedMembers(Posterior):
         """Outputs of every member, ``(M, B, K)``; ``x`` is ``(B, ...)`` or ``(M, B, ...)``."""
         return self._stack(x, batched_input=data_dim is not None)
 
-    def _member_losses(self, x: Tensor, y: Tensor, data_dim: int | None) -> Tensor:
+    def _member_losses(
+        self, x: Tensor, y: Tensor, data_dim: int | None, train: bool = False
+    ) -> Tensor:
+        """Mean loss per member, ``(M,)``: the training loss with ``train``, else the NLL."""
         # Only the network runs under vmap; the likelihood broadcasts over the member axis.
-        return self.likelihood.nll(self._member_outputs(x, data_dim), y).mean(-1)
+        loss = self.likelihood.training_loss if train else self.likelihood.nll
+        return loss(self._member_outputs(x, data_dim), y).mean(-1)
 
     def _objective(self) -> _EnsembleObjective:
         return _EnsembleObjective(self)

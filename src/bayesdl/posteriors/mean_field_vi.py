@@ -10,7 +10,8 @@ Training minimises the negative ELBO per example,
     loss = mean over the batch and the draws of NLL(y | x, w)  +  kl_weight * KL(q || p) / N,
 
 with the KL summed over every Bayesian parameter and divided by the training-set size ``N`` (so
-``N * loss`` is the mini-batch estimate of the full negative ELBO). All ``mu`` and ``log_std`` live
+``N * loss`` is the mini-batch estimate of the full negative ELBO; a Gaussian likelihood with
+``beta > 0`` replaces the NLL by its beta-NLL training loss). All ``mu`` and ``log_std`` live
 in two flat vectors, so sampling and the KL are a handful of large kernels per step, not a few
 per parameter tensor.
 
@@ -316,15 +317,17 @@ class MeanFieldVI(Posterior):
         return self.kl_weight * min(1.0, self._epoch / self.kl_annealing_epochs)
 
     # ------------------------------------------------------------------ training
-    def _nll_and_kl(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean NLL over the batch and the draws, and the (estimated) KL."""
+    def _nll_and_kl(self, x: Tensor, y: Tensor, train: bool = True) -> tuple[Tensor, Tensor]:
+        """Mean NLL over the batch and the draws (the likelihood's training loss with
+        ``train``), and the (estimated) KL."""
         s = self.n_train_samples
+        data_term = self.likelihood.training_loss if train else self.likelihood.nll
         local = self.estimators
         if not local and s > 1:  # S whole weight sets at once
             sigma = self.sigma
             w = self.mu + sigma * torch.stack([self._next_noise() for _ in range(s)])
             out = self._stack(x, tensors=self._stack_tensors(self._views(w), s))
-            nll = self.likelihood.nll(out, y).mean()
+            nll = data_term(out, y).mean()
             kl = self.prior.kl(self.mu, sigma, None if self.prior.closed_form else w[0])
             return nll, kl
         if not local and s == 1 and type(self.prior) is GaussianPrior and not self.min_std:
@@ -339,7 +342,7 @@ class MeanFieldVI(Posterior):
                 w, kl = SampleWithGaussianKL.apply(self.mu, self.log_std, eps, self.prior.scale)
                 views = self._views(w)
                 out = self._swap(tuple(views[n] for n in self.bayesian_names), x)
-            return self.likelihood.nll(out, y).mean(), kl
+            return data_term(out, y).mean(), kl
         sigma = self.sigma
         mean_views = self._views(self.mu) if local else {}
         sigma_views = self._views(sigma) if local else {}
@@ -384,7 +387,7 @@ class MeanFieldVI(Posterior):
             x, y = x.repeat(s, *[1] * (x.ndim - 1)), y.repeat(s, *[1] * (y.ndim - 1))
         with LocalNoise(table) if table else contextlib.nullcontext():
             out = self._swap(tensors, x)
-        nll = self.likelihood.nll(out, y).mean()
+        nll = data_term(out, y).mean()
         kl = self.prior.kl(self.mu, sigma, None if self.prior.closed_form else w)
         return nll, kl
 
@@ -397,11 +400,15 @@ class MeanFieldVI(Posterior):
         )
         return point + tuple(b.expand(s, *b.shape) for b in self.network.buffers())
 
-    def negative_elbo(self, x: Tensor, y: Tensor, n_data: int) -> Tensor:
+    def negative_elbo(
+        self, x: Tensor, y: Tensor, n_data: int, *, training_loss: bool = False
+    ) -> Tensor:
         """Mini-batch estimate of the full negative ELBO:
         ``n_data * mean NLL + kl_weight * KL`` (the training loss is this divided by ``n_data``).
+        With ``training_loss`` the data term is the likelihood's training loss (differs from the
+        NLL only for a Gaussian with ``beta > 0``; then the objective is no longer the ELBO).
         """
-        nll, kl = self._nll_and_kl(x, y)
+        nll, kl = self._nll_and_kl(x, y, train=training_loss)
         return n_data * nll + self._kl_factor() * kl
 
     def _probe_n_samples(self) -> int:
@@ -592,10 +599,10 @@ class _VIObjective:
         self.vi.network.train(mode)
 
     def loss(self, x: Tensor, y: Tensor, n_data: int) -> Tensor:
-        return self.vi.negative_elbo(x, y, n_data) / n_data
+        return self.vi.negative_elbo(x, y, n_data, training_loss=True) / n_data
 
     def val_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.vi._nll_and_kl(x, y)[0]
+        return self.vi._nll_and_kl(x, y, train=False)[0]
 
     def end_epoch(self, epoch: int, optimizer) -> None:
         self.vi._epoch = epoch + 1
