@@ -217,6 +217,27 @@ def run_method(
     return scores, {"candidate": k, "val_ll": val_ll, "epochs": refit_epochs}
 
 
+class _MemberBetaGaussian(bdl.Gaussian):
+    """The Gaussian likelihood of a stacked fit whose members train with different beta-NLL
+    weights (:class:`bayesdl.Gaussian`'s ``beta``), one per member, so that a grid over beta
+    stays one vectorised program; the NLL (validation, scores) is the plain Gaussian's."""
+
+    def __init__(self, betas: Sequence[float]) -> None:
+        super().__init__()
+        for beta in betas:  # the same check as the library's
+            bdl.Gaussian(beta=beta)
+        self.member_beta = torch.tensor(betas).unsqueeze(-1)  # (M, 1): broadcasts over (M, B)
+
+    def training_loss(self, params: Tensor, y: Tensor) -> Tensor:
+        out, var = self._nll_per_target(params, y)
+        if params.ndim != 3 or len(params) != len(self.member_beta):
+            raise ValueError(
+                f"expected the outputs of {len(self.member_beta)} stacked members, (M, B, 2); "
+                f"got {tuple(params.shape)}"
+            )
+        return out * var.detach() ** self.member_beta.to(var)
+
+
 def _stacked_grid(
     method: str,
     grid: Sequence[dict],
@@ -228,8 +249,9 @@ def _stacked_grid(
     val: tuple[Tensor, Tensor],
 ) -> list[tuple[float, int]]:
     """Every candidate of ``grid`` in stacked fits (see :data:`STACKED_GRID`): candidates that
-    differ only in their precision are members of one fit; each other combination of options
-    (the likelihood's ``beta``, build options) is a fit of its own.
+    differ only in their precision and likelihood ``beta`` are members of one fit (each member
+    with its own weight decay and beta); each other combination of build options is a fit of its
+    own.
 
     ``train`` holds standardised inputs and targets, ``val`` standardised inputs and targets on
     the original scale. Returns ``(validation log-likelihood, best epoch)`` per candidate, as the
@@ -237,7 +259,7 @@ def _stacked_grid(
     """
     groups: dict[str, list[int]] = {}
     for k, candidate in enumerate(grid):
-        rest = {name: v for name, v in candidate.items() if name != "precision"}
+        rest = {name: v for name, v in candidate.items() if name not in ("precision", "beta")}
         groups.setdefault(json.dumps(rest, sort_keys=True), []).append(k)
     outcomes: list[tuple[float, int]] = [(float("nan"), epochs)] * len(grid)
     for ks in groups.values():
@@ -258,7 +280,7 @@ def _stacked_fit(
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
 ) -> list[tuple[float, int]]:
-    """One stacked fit of candidates that differ only in their precision."""
+    """One stacked fit of candidates that differ only in their precision and ``beta``."""
     (xi, yi), (xv, y_val) = train, val
     yv = inner.transform_y(y_val)
     lams = [c["precision"] for c in group]
@@ -266,7 +288,8 @@ def _stacked_fit(
     per = options.pop("n_members", 1)
     torch.manual_seed(seed)
     net = mlp(xi.shape[1], n_hidden)
-    likelihood = bdl.Gaussian(beta=group[0].get("beta", 0.0))
+    betas = [c.get("beta", 0.0) for c in group for _ in range(per)]
+    likelihood = _MemberBetaGaussian(betas) if any(betas) else bdl.Gaussian()
     if method == "deep_ensemble":
         post = bdl.DeepEnsemble(net, likelihood, n_members=per * len(group), seed=seed)
     elif method == "swag":

@@ -182,3 +182,19 @@ def test_stacked_grid_groups_candidates_by_beta(tmp_path, monkeypatch):
         torch.set_default_dtype(torch.float32)
     assert stacked[0][0] != pytest.approx(stacked[3][0])  # beta changes the fit
     assert grouped[1] == pytest.approx(looped[1], rel=1e-6)
+
+
+def test_member_beta_gaussian_is_the_library_loss_per_member():
+    g = torch.Generator().manual_seed(0)
+    params = torch.randn(3, 5, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(5, generator=g, dtype=torch.float64)
+    lik = uci._MemberBetaGaussian([0.0, 0.5, 1.0])
+    got = lik.training_loss(params, y)
+    for m, beta in enumerate((0.0, 0.5, 1.0)):
+        want = bdl.Gaussian(beta=beta).training_loss(params[m], y)
+        torch.testing.assert_close(got[m], want)
+    torch.testing.assert_close(lik.nll(params, y), bdl.Gaussian().nll(params, y))
+    with pytest.raises(ValueError, match=r"3 stacked members, \(M, B, 2\); got \(2, 5, 2\)"):
+        lik.training_loss(params[:2], y)
+    with pytest.raises(ValueError, match="beta must be a number"):
+        uci._MemberBetaGaussian([0.0, 2.0])
