@@ -229,12 +229,12 @@ class _MemberBetaGaussian(bdl.Gaussian):
         self.member_beta = torch.tensor(betas).unsqueeze(-1)  # (M, 1): broadcasts over (M, B)
 
     def training_loss(self, params: Tensor, y: Tensor) -> Tensor:
-        out, var = self._nll_per_target(params, y)
         if params.ndim != 3 or len(params) != len(self.member_beta):
             raise ValueError(
                 f"expected the outputs of {len(self.member_beta)} stacked members, (M, B, 2); "
                 f"got {tuple(params.shape)}"
             )
+        out, var = self._nll_per_target(params, y)
         return out * var.detach() ** self.member_beta.to(var)
 
 
@@ -248,57 +248,38 @@ def _stacked_grid(
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
 ) -> list[tuple[float, int]]:
-    """Every candidate of ``grid`` in stacked fits (see :data:`STACKED_GRID`): candidates that
-    differ only in their precision and likelihood ``beta`` are members of one fit (each member
-    with its own weight decay and beta); each other combination of build options is a fit of its
-    own.
+    """Every candidate of ``grid`` in one stacked fit (see :data:`STACKED_GRID`): candidates
+    differ only in their precision and likelihood ``beta``, each a group of members with its own
+    weight decay and beta.
 
     ``train`` holds standardised inputs and targets, ``val`` standardised inputs and targets on
     the original scale. Returns ``(validation log-likelihood, best epoch)`` per candidate, as the
     loop over candidates would.
     """
-    groups: dict[str, list[int]] = {}
-    for k, candidate in enumerate(grid):
-        rest = {name: v for name, v in candidate.items() if name not in ("precision", "beta")}
-        groups.setdefault(json.dumps(rest, sort_keys=True), []).append(k)
-    outcomes: list[tuple[float, int]] = [(float("nan"), epochs)] * len(grid)
-    for ks in groups.values():
-        group = [grid[k] for k in ks]
-        results = _stacked_fit(method, group, n_hidden, seed, inner, epochs, train, val)
-        for k, outcome in zip(ks, results, strict=True):
-            outcomes[k] = outcome
-    return outcomes
-
-
-def _stacked_fit(
-    method: str,
-    group: Sequence[dict],
-    n_hidden: int,
-    seed: int,
-    inner: Standardizer,
-    epochs: int,
-    train: tuple[Tensor, Tensor],
-    val: tuple[Tensor, Tensor],
-) -> list[tuple[float, int]]:
-    """One stacked fit of candidates that differ only in their precision and ``beta``."""
+    shared = [{n: v for n, v in c.items() if n not in ("precision", "beta")} for c in grid]
+    if any(rest != shared[0] for rest in shared):
+        raise ValueError(
+            f"{method}: a stacked grid may vary only precision and beta between candidates, "
+            f"got {shared}"
+        )
     (xi, yi), (xv, y_val) = train, val
     yv = inner.transform_y(y_val)
-    lams = [c["precision"] for c in group]
-    options = dict(group[0].get("build", {}))
+    lams = [c["precision"] for c in grid]
+    options = dict(grid[0].get("build", {}))
     per = options.pop("n_members", 1)
     torch.manual_seed(seed)
     net = mlp(xi.shape[1], n_hidden)
-    betas = [c.get("beta", 0.0) for c in group for _ in range(per)]
+    betas = [c.get("beta", 0.0) for c in grid for _ in range(per)]
     likelihood = _MemberBetaGaussian(betas) if any(betas) else bdl.Gaussian()
     if method == "deep_ensemble":
-        post = bdl.DeepEnsemble(net, likelihood, n_members=per * len(group), seed=seed)
+        post = bdl.DeepEnsemble(net, likelihood, n_members=per * len(grid), seed=seed)
     elif method == "swag":
         post = bdl.SWAG(
-            net, likelihood, n_members=len(group), reinitialize=False, seed=seed, **options
+            net, likelihood, n_members=len(grid), reinitialize=False, seed=seed, **options
         )
     else:  # the point estimate (also Laplace's MAP): same start, same data order
         post = bdl.DeepEnsemble(
-            net, likelihood, n_members=len(group), reinitialize=False, independent_data_order=False
+            net, likelihood, n_members=len(grid), reinitialize=False, independent_data_order=False
         )
     decay = [lam / len(xi) for lam in lams for _ in range(per)]
     history = post.fit(
@@ -316,10 +297,10 @@ def _stacked_fit(
     draws = 100 if method == "swag" else per  # outputs per candidate
     if method != "laplace":
         generator = torch.Generator().manual_seed(PREDICT_SEED)
-        n_samples = draws * len(group) if method == "swag" else None
+        n_samples = draws * len(grid) if method == "swag" else None
         outputs = post.sample_outputs(xv, n_samples, generator=generator)
     outcomes = []
-    for k in range(len(group)):
+    for k in range(len(grid)):
         if method == "laplace":  # the Laplace predictive around candidate k's MAP network
             model, member_likelihood = post.member(k)
             laplace = bdl.Laplace(model, member_likelihood, **options)

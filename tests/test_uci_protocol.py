@@ -149,7 +149,7 @@ def test_stacked_grid_gives_the_candidates_of_separate_fits(tmp_path, monkeypatc
 
 
 def test_stacked_grid_groups_candidates_by_beta(tmp_path, monkeypatch):
-    """Candidates with different likelihood ``beta`` train as separate stacked fits; every
+    """Candidates with different likelihood ``beta`` train as members of one stacked fit; every
     candidate's validation score lands at its own place in the grid (interleaved on purpose)."""
     write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
     split = bdl.data.load_uci(tmp_path / "toy").split(0)
@@ -198,3 +198,13 @@ def test_member_beta_gaussian_is_the_library_loss_per_member():
         lik.training_loss(params[:2], y)
     with pytest.raises(ValueError, match="beta must be a number"):
         uci._MemberBetaGaussian([0.0, 2.0])
+
+
+def test_stacked_grid_refuses_candidates_that_differ_in_build_options(tmp_path):
+    write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
+    split = bdl.data.load_uci(tmp_path / "toy").split(0)
+    scaler = split.standardizer()
+    x, y = scaler.transform_x(split.x_train), scaler.transform_y(split.y_train)
+    grid = ({"precision": 1.0, "build": {"n_members": 2}}, {"precision": 3.0})
+    with pytest.raises(ValueError, match="may vary only precision and beta"):
+        uci._stacked_grid("deep_ensemble", grid, 8, 0, scaler, 2, (x, y), (x, split.y_train))
