@@ -80,6 +80,83 @@ def test_dropout_in_training_mode_is_independent_per_member():
     assert torch.equal(out[0], out[1])
 
 
+class MemberDropout(nn.Module):
+    """Dropout with one rate per stacked member (a plain attribute: not stacked)."""
+
+    def __init__(self, rates):
+        super().__init__()
+        self.rates = torch.tensor(rates, dtype=f64)
+
+    def forward(self, x):
+        return nn.functional.dropout(x, self.rates, self.training)
+
+
+def test_per_member_dropout_rates_on_the_fast_path():
+    rates = [0.0, 0.1, 0.5, 1.0]
+    base = nn.Sequential(nn.Linear(3, 4000), MemberDropout(rates)).double()
+    stack = StackedModule.from_copies([copy.deepcopy(base) for _ in rates])
+    stack.train(True)
+    x = torch.ones(5, 3, dtype=f64)
+    torch.manual_seed(0)
+    out = stack(x)
+    assert stack.fast_path
+    with torch.no_grad():
+        plain = base[0](x)
+    for m, p in enumerate(rates):
+        dropped = out[m] == 0
+        # binomial standard error of the dropped fraction over 20000 units is at most 0.0036
+        assert abs(dropped.double().mean().item() - p) < 0.015, (m, p)
+        if p < 1:  # the kept units are scaled by 1 / (1 - p), exactly
+            torch.testing.assert_close(out[m][~dropped], (plain / (1 - p))[~dropped])
+    stack.train(False)
+    with torch.no_grad():
+        torch.testing.assert_close(stack(x), plain.expand(4, 5, 4000))
+    # at prediction the members run in chunks (here one member each): each keeps its own rate
+    stack.train(True)
+    stack.chunk_rows = 5
+    with torch.no_grad():
+        chunked = stack(x)
+    for m, p in enumerate(rates):
+        assert abs((chunked[m] == 0).double().mean().item() - p) < 0.015, (m, p)
+
+
+def test_per_member_dropout_rates_refuse_bad_rates():
+    cases = (
+        ([0.1, 0.2], r"one rate per stacked member, shape \(3,\)"),
+        ([0.1, 0.2, 1.5], r"in \[0, 1\]"),
+        ([0.1, float("nan"), 0.2], r"in \[0, 1\]"),
+    )
+    for rates, match in cases:
+        base = nn.Sequential(nn.Linear(3, 2), MemberDropout(rates)).double()
+        stack = StackedModule.from_copies([copy.deepcopy(base) for _ in range(3)])
+        stack.train(True)
+        with pytest.raises(ValueError, match=match):
+            stack(torch.ones(2, 3, dtype=f64))
+
+
+def test_a_member_with_dropout_rate_zero_trains_as_without_dropout():
+    """Members only share the global random stream through the masks: a member at rate 0 sees
+    no mask and trains exactly like the same network without a dropout layer."""
+    import bayesdl as bdl
+
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1), dtype=f64)
+    y = x.sum(1, keepdim=True)
+    fits = []
+    for dropout in (MemberDropout([0.0, 0.3]), nn.Identity()):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), dropout, nn.Linear(16, 2)).double()
+        post = bdl.DeepEnsemble(
+            net, "gaussian", n_members=2, reinitialize=False, independent_data_order=False
+        )
+        post.fit((x, y), epochs=3, batch_size=16, lr=1e-2, seed=0, progress=False)
+        fits.append(post.member(0)[0].state_dict())
+        fits.append(post.member(1)[0].state_dict())
+    for name, value in fits[2].items():
+        torch.testing.assert_close(fits[0][name], value)  # rate 0 == no dropout layer
+        torch.testing.assert_close(fits[3][name], value)  # the same net without dropout
+    assert not torch.equal(fits[1]["3.weight"], fits[3]["3.weight"])  # rate 0.3 trains otherwise
+
+
 def test_a_module_calling_tensor_methods_leaves_the_fast_path_and_still_agrees():
     class Scaled(nn.Module):
         def __init__(self):

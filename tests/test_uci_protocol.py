@@ -148,6 +148,16 @@ def test_stacked_grid_gives_the_candidates_of_separate_fits(tmp_path, monkeypatc
     assert stacked[0].ll == pytest.approx(looped[0].ll, rel=1e-6)
 
 
+def _inner_split(split):
+    n = len(split.x_train)
+    n_val = round(uci.VAL_FRACTION * n)
+    inner = bdl.data.Standardizer.fit(split.x_train[: n - n_val], split.y_train[: n - n_val])
+    xi = inner.transform_x(split.x_train[: n - n_val])
+    yi = inner.transform_y(split.y_train[: n - n_val])
+    val = (inner.transform_x(split.x_train[n - n_val :]), split.y_train[n - n_val :])
+    return inner, (xi, yi), val
+
+
 def test_stacked_grid_groups_candidates_by_beta(tmp_path, monkeypatch):
     """Candidates with different likelihood ``beta`` train as members of one stacked fit; every
     candidate's validation score lands at its own place in the grid (interleaved on purpose)."""
@@ -162,12 +172,7 @@ def test_stacked_grid_groups_candidates_by_beta(tmp_path, monkeypatch):
     monkeypatch.setitem(uci.GRIDS, "deterministic", grid)
     torch.set_default_dtype(torch.float64)
     try:
-        n = len(split.x_train)
-        n_val = round(uci.VAL_FRACTION * n)
-        inner = bdl.data.Standardizer.fit(split.x_train[: n - n_val], split.y_train[: n - n_val])
-        xi = inner.transform_x(split.x_train[: n - n_val])
-        yi = inner.transform_y(split.y_train[: n - n_val])
-        val = (inner.transform_x(split.x_train[n - n_val :]), split.y_train[n - n_val :])
+        inner, (xi, yi), val = _inner_split(split)
         stacked = uci._stacked_grid("deterministic", grid, 8, 0, inner, 30, (xi, yi), val)
         for k, candidate in enumerate(grid):  # each candidate alone, as a one-member stack
             alone = uci._stacked_grid("deterministic", [candidate], 8, 0, inner, 30, (xi, yi), val)
@@ -182,6 +187,45 @@ def test_stacked_grid_groups_candidates_by_beta(tmp_path, monkeypatch):
         torch.set_default_dtype(torch.float32)
     assert stacked[0][0] != pytest.approx(stacked[3][0])  # beta changes the fit
     assert grouped[1] == pytest.approx(looped[1], rel=1e-6)
+
+
+def test_mc_dropout_grid_is_one_stack_of_dropout_rates(tmp_path, monkeypatch):
+    """MC dropout's rates train as members of one stacked fit; each candidate is scored by the MC
+    dropout predictive of its own network (an ``nn.Dropout`` at its rate, the member's weights)
+    and reports its own best epoch."""
+    write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
+    split = bdl.data.load_uci(tmp_path / "toy").split(0)
+    grid = uci.GRIDS["mc_dropout"]
+    assert len({c["dropout"] for c in grid}) == len(grid) > 1
+    evaluated, fits = [], []
+    evaluate, fit = uci.evaluate, bdl.DeepEnsemble.fit
+
+    def evaluate_spy(post, *args):
+        evaluated.append(post)
+        return evaluate(post, *args)
+
+    def fit_spy(self, *args, **kwargs):
+        fits.append((self, fit(self, *args, **kwargs)))
+        return fits[-1][1]
+
+    monkeypatch.setattr(uci, "evaluate", evaluate_spy)
+    monkeypatch.setattr(bdl.DeepEnsemble, "fit", fit_spy)
+    inner, train, val = _inner_split(split)
+    outcomes = uci._stacked_grid("mc_dropout", grid, 8, 0, inner, 30, train, val)
+    ((stack, history),) = fits
+    assert len(outcomes) == len(evaluated) == stack.n_members == len(grid)
+    members = stack.sample_outputs(val[0])
+    for k, (post, candidate) in enumerate(zip(evaluated, grid, strict=True)):
+        assert isinstance(post, bdl.MCDropout)
+        assert [m.p for m in post.dropout_layers.values()] == [candidate["dropout"]]
+        with torch.no_grad():
+            torch.testing.assert_close(post.model.eval()(val[0]), members[k])
+        assert math.isfinite(outcomes[k][0])
+        assert outcomes[k][1] == history.member_best_epochs[k]
+    # the loop over separate fits runs too, on the same protocol (masks differ: not equal)
+    monkeypatch.setattr(uci, "STACKED_GRID", frozenset())
+    scores, selection = uci.run_method("mc_dropout", split, n_hidden=8, n_epochs=30)
+    assert math.isfinite(scores.ll) and 0 <= selection["candidate"] < len(grid)
 
 
 def test_member_beta_gaussian_is_the_library_loss_per_member():
@@ -206,5 +250,5 @@ def test_stacked_grid_refuses_candidates_that_differ_in_build_options(tmp_path):
     scaler = split.standardizer()
     x, y = scaler.transform_x(split.x_train), scaler.transform_y(split.y_train)
     grid = ({"precision": 1.0, "build": {"n_members": 2}}, {"precision": 3.0})
-    with pytest.raises(ValueError, match="may vary only precision and beta"):
+    with pytest.raises(ValueError, match="may vary only precision, beta and dropout"):
         uci._stacked_grid("deep_ensemble", grid, 8, 0, scaler, 2, (x, y), (x, split.y_train))

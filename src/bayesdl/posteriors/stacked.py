@@ -20,6 +20,12 @@ written once:
   (``"error"`` is cheaper; a module that draws random numbers, such as dropout in training mode,
   switches it to ``"different"``). At prediction both paths process the members in chunks so that
   intermediate activations stay cache-sized.
+
+On the fast path ``F.dropout`` also accepts a tensor ``p`` of per-member rates ``(M,)``: member
+``m``'s activations are dropped with probability ``p[m]``. A module that passes such a tensor
+(e.g. one that holds the rates of a grid over the dropout rate) trains ``M`` differently
+regularised copies as one program. Such a module runs only on the fast path (``F.dropout`` itself
+refuses a tensor ``p``, alone or under vmap).
 """
 
 from __future__ import annotations
@@ -122,11 +128,48 @@ def _stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     return out.reshape(*x.shape[:-1], n_out)
 
 
+def _member_dropout(
+    members: slice,
+    n_members: int,
+    x: Tensor,
+    p: float | Tensor = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+) -> Tensor:
+    """``F.dropout`` on the activations ``(m, ...)`` of ``members`` (a slice of the ``M``
+    stacked members); ``p`` a float or per-member rates ``(M,)``."""
+    if not isinstance(p, Tensor):
+        return F.dropout(x, p, training, inplace)
+    if p.shape != (n_members,):
+        raise ValueError(
+            f"per-member dropout rates must have one rate per stacked member, shape "
+            f"({n_members},); got {tuple(p.shape)}"
+        )
+    rates = p.tolist()[members]  # checked as numbers: cheaper than tensor ops on (M,)
+    if not all(0 <= r <= 1 for r in rates):
+        raise ValueError(f"dropout rates must be in [0, 1], got {p.tolist()}")
+    if not training:
+        return x
+    shape = (len(rates), *[1] * (x.ndim - 1))
+    rate = torch.tensor(rates, dtype=x.dtype, device=x.device).view(shape)
+    scale = torch.tensor([1 / (1 - r) if r < 1 else 0.0 for r in rates], dtype=x.dtype)
+    return torch.where(torch.rand_like(x) >= rate, x * scale.to(x.device).view(shape), 0.0)
+
+
 class _StackedMode(TorchFunctionMode):
+    """Runs a module on the member-stacked activations of ``members``, a slice of the
+    ``n_members`` stacked members (all of them, or a chunk at prediction)."""
+
+    def __init__(self, members: slice, n_members: int) -> None:
+        super().__init__()
+        self.members, self.n_members = members, n_members
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             return _stacked_linear(*args, **kwargs)
+        if func is F.dropout:
+            return _member_dropout(self.members, self.n_members, *args, **kwargs)
         if func in _ELEMENTWISE:
             return func(*args, **kwargs)
         raise _NoFastPath(f"{getattr(func, '__qualname__', func)} has no stacked fast path")
@@ -236,7 +279,7 @@ class StackedModule:
             part = tuple(t[start : start + step] for t in tensors) if chunk else tensors
             m = part[0].shape[0]
             xin = x[start : start + m] if batched_input else x.expand(m, *x.shape)
-            with _StackedMode():
+            with _StackedMode(slice(start, start + m), n):
                 outs.append(self._call(part, xin))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
