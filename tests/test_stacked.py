@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from bayesdl.posteriors.mc_dropout import keep_probability
 from bayesdl.posteriors.stacked import StackedModule
 
 f64 = torch.float64
@@ -91,8 +92,10 @@ class MemberDropout(nn.Module):
         return nn.functional.dropout(x, self.rates, self.training)
 
 
-def test_per_member_dropout_rates_on_the_fast_path():
-    rates = [0.0, 0.1, 0.5, 1.0]
+@pytest.mark.parametrize(
+    "rates", [[0.0, 0.1, 0.5, 1.0], [0.1, 0.0, 0.0, 0.5, 0.0]], ids=["all", "block"]
+)
+def test_per_member_dropout_rates_on_the_fast_path(rates):
     base = nn.Sequential(nn.Linear(3, 4000), MemberDropout(rates)).double()
     stack = StackedModule.from_copies([copy.deepcopy(base) for _ in rates])
     stack.train(True)
@@ -106,11 +109,13 @@ def test_per_member_dropout_rates_on_the_fast_path():
         dropped = out[m] == 0
         # binomial standard error of the dropped fraction over 20000 units is at most 0.0036
         assert abs(dropped.double().mean().item() - p) < 0.015, (m, p)
-        if p < 1:  # the kept units are scaled by 1 / (1 - p), exactly
-            torch.testing.assert_close(out[m][~dropped], (plain / (1 - p))[~dropped])
+        if p < 1:  # the kept units are scaled by 1 / (keep probability) of the 16-bit draws
+            scale = 1 / keep_probability(p, x.device)
+            assert scale == pytest.approx(1 / (1 - p), rel=1e-4)
+            torch.testing.assert_close(out[m][~dropped], (plain * scale)[~dropped])
     stack.train(False)
     with torch.no_grad():
-        torch.testing.assert_close(stack(x), plain.expand(4, 5, 4000))
+        torch.testing.assert_close(stack(x), plain.expand(len(rates), 5, 4000))
     # at prediction the members run in chunks (here one member each): each keeps its own rate
     stack.train(True)
     stack.chunk_rows = 5

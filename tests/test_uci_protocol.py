@@ -252,3 +252,67 @@ def test_stacked_grid_refuses_candidates_that_differ_in_build_options(tmp_path):
     grid = ({"precision": 1.0, "build": {"n_members": 2}}, {"precision": 3.0})
     with pytest.raises(ValueError, match="may vary only precision, beta and dropout"):
         uci._stacked_grid("deep_ensemble", grid, 8, 0, scaler, 2, (x, y), (x, split.y_train))
+
+
+def test_dropout_candidates_join_the_stack_without_changing_the_others(tmp_path):
+    """Deep ensembles' dropout candidates are members with their own rate in the same stacked
+    fit; the members at rate 0 draw no masks, so the other candidates' scores are those of the
+    grid without the dropout candidate (no early stop within these 10 epochs)."""
+    write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
+    split = bdl.data.load_uci(tmp_path / "toy").split(0)
+    base = [
+        {"precision": 0.3, "build": {"n_members": 2}},
+        {"precision": 3.0, "build": {"n_members": 2}},
+    ]
+    grid = [*base, {"precision": 0.3, "dropout": 0.5, "build": {"n_members": 2}}]
+    torch.set_default_dtype(torch.float64)
+    try:
+        inner, train, val = _inner_split(split)
+        without = uci._stacked_grid("deep_ensemble", base, 8, 0, inner, 10, train, val)
+        with_dropout = uci._stacked_grid("deep_ensemble", grid, 8, 0, inner, 10, train, val)
+        no_dropout = [{**c, "dropout": 0.0} for c in grid]
+        plain = uci._stacked_grid("deep_ensemble", no_dropout, 8, 0, inner, 10, train, val)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for k in range(len(base)):
+        assert with_dropout[k][0] == pytest.approx(without[k][0], rel=1e-9)
+        assert with_dropout[k][1] == without[k][1]
+    assert with_dropout[2][0] != pytest.approx(plain[2][0], rel=1e-6)  # the rate changes the fit
+
+
+def test_point_estimate_and_laplace_share_one_grid_fit(tmp_path, monkeypatch):
+    """Laplace's grid trains the point estimate's networks: after the point estimate's grid on
+    the same data it trains nothing and scores exactly what a fresh fit gives."""
+    write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
+    split = bdl.data.load_uci(tmp_path / "toy").split(0)
+    inner, train, val = _inner_split(split)
+    grid = uci.GRIDS["laplace"]
+    monkeypatch.setattr(uci, "_POINT_FITS", {})
+    fits = []
+    fit = bdl.DeepEnsemble.fit
+
+    def fit_spy(self, *args, **kwargs):
+        fits.append(self)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(bdl.DeepEnsemble, "fit", fit_spy)
+    fresh = uci._stacked_grid("laplace", grid, 8, 0, inner, 30, train, val)
+    uci._POINT_FITS.clear()
+    uci._stacked_grid("deterministic", grid, 8, 0, inner, 30, train, val)
+    shared = uci._stacked_grid("laplace", grid, 8, 0, inner, 30, train, val)
+    assert len(fits) == 2  # the fresh Laplace grid and the point estimate's: none for `shared`
+    assert shared == fresh
+    other_seed = uci._stacked_grid("laplace", grid, 8, 1, inner, 30, train, val)
+    assert len(fits) == 3 and other_seed != fresh  # another seed is another fit
+    # the whole protocol: the refit is shared too, and Laplace's scores are those of its own run
+    monkeypatch.setattr(bdl.DeepEnsemble, "fit", fit)
+    uci._POINT_FITS.clear()
+    alone = uci.run_method("laplace", split, n_hidden=8, n_epochs=30)
+    uci._POINT_FITS.clear()
+    point = uci.run_method("deterministic", split, n_hidden=8, n_epochs=30)
+    trained = []
+    monkeypatch.setattr(uci, "_fit", lambda *args, **kwargs: trained.append(args))
+    after = uci.run_method("laplace", split, n_hidden=8, n_epochs=30)
+    assert trained == []  # neither the grid nor the refit trained again
+    assert after == alone
+    assert math.isfinite(point[0].ll)
