@@ -144,15 +144,17 @@ def _member_dropout(
     if not isinstance(p, Tensor):
         if not 0 <= p <= 1:  # F.dropout's own check and message
             return F.dropout(x, p, training, inplace)
-        p = torch.full((n_members,), float(p))
-    if p.shape != (n_members,):
+        every = [float(p)] * n_members
+    elif p.shape != (n_members,):
         raise ValueError(
             f"per-member dropout rates must have one rate per stacked member, shape "
             f"({n_members},); got {tuple(p.shape)}"
         )
-    rates = p.tolist()[members]  # checked as numbers: cheaper than tensor ops on (M,)
-    if not all(0 <= r <= 1 for r in rates):
-        raise ValueError(f"dropout rates must be in [0, 1], got {p.tolist()}")
+    else:
+        every = p.tolist()  # checked as numbers: cheaper than tensor ops on (M,)
+        if not all(0 <= r <= 1 for r in every):
+            raise ValueError(f"dropout rates must be in [0, 1], got {every}")
+    rates = every[members]
     active = [m for m, r in enumerate(rates) if r > 0]
     if not training or not active:
         return x
