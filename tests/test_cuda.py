@@ -95,3 +95,17 @@ def test_per_member_weight_decay_on_cuda():
     assert len(history.member_best_epochs) == 3
     model, _ = ens.member(2)
     assert next(model.parameters()).device.type == "cuda"
+
+
+def test_per_member_dropout_rates_on_cuda():
+    from bayesdl.posteriors.stacked import _StackedMode
+
+    x = torch.ones(3, 2000, 50, device=CUDA)
+    rates = torch.tensor([0.0, 0.1, 0.5])
+    with _StackedMode(slice(0, 3), 3):
+        out = torch.nn.functional.dropout(x, rates, True)
+    assert out.device.type == "cuda"
+    for m, p in enumerate(rates.tolist()):
+        assert abs((out[m] == 0).float().mean().item() - p) < 0.01
+        kept = out[m][out[m] != 0]
+        torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)))
