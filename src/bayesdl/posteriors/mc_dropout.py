@@ -50,17 +50,25 @@ def keep_mask(shape: tuple[int, ...], p: float, generator, device: torch.device)
     caller rescales by the matching keep probability (:func:`keep_probability`), so the masked
     activations stay unbiased. On other devices ``torch.rand`` is used.
     """
-    numel = math.prod(shape)
     if device.type != "cpu":
         return torch.rand(shape, generator=generator, device=device) >= p
+    return random_lanes(shape, generator) >= lane_threshold(p)
+
+
+def random_lanes(shape: tuple[int, ...], generator) -> Tensor:
+    """Uniform random ``int16`` values of ``shape`` on the CPU: 64-bit random integers cut into
+    four 16-bit lanes. A lane is ``>= lane_threshold(p)`` with probability ``keep_probability(p)``.
+    """
+    numel = math.prod(shape)
     words = torch.randint(
         -(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, generator=generator
     )
-    lanes = words.view(torch.int16)[:numel].view(shape)
-    return lanes >= _threshold(p)
+    return words.view(torch.int16)[:numel].view(shape)
 
 
-def _threshold(p: float) -> int:
+def lane_threshold(p: float) -> int:
+    """The lane value from which :func:`random_lanes` keeps, for drop probability ``p``
+    (``32768``, beyond every lane, for ``p = 1``)."""
     return round(p * 65536) - 32768
 
 
@@ -68,7 +76,7 @@ def keep_probability(p: float, device: torch.device) -> float:
     """The exact keep probability that :func:`keep_mask` realises for drop probability ``p``."""
     if device.type != "cpu":
         return 1.0 - p
-    return (32768 - _threshold(p)) / 65536
+    return (32768 - lane_threshold(p)) / 65536
 
 
 class _Sampler:

@@ -33,7 +33,6 @@ itself refuses a tensor ``p``, alone or under vmap).
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 
 import torch
@@ -41,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import stack_module_state, vmap
 from torch.overrides import TorchFunctionMode
+
+from bayesdl.posteriors.mc_dropout import keep_probability, lane_threshold, random_lanes
 
 __all__ = ["StackedCall", "StackedModule"]
 
@@ -180,16 +181,12 @@ def _member_mask(
     """
     view = (len(rates), *[1] * (len(shape) - 1))
     if device.type == "cpu":
-        thresholds = [min(round(r * 65536) - 32768, 32767) for r in rates]
-        keep_prob = [(32768 - t) / 65536 for t in thresholds]
-        numel = math.prod(shape)
-        words = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64)
-        lanes = words.view(torch.int16)[:numel].view(shape)
-        keep = lanes >= torch.tensor(thresholds, dtype=torch.int16).view(view)
+        # int16 thresholds: rate 1 (threshold 32768) becomes 32767, and its scale 0 zeroes it
+        thresholds = [min(lane_threshold(r), 32767) for r in rates]
+        keep = random_lanes(shape, None) >= torch.tensor(thresholds, dtype=torch.int16).view(view)
     else:
-        keep_prob = [1 - r for r in rates]
         keep = torch.rand(shape, device=device) >= torch.tensor(rates, device=device).view(view)
-    scale = [1 / q if r < 1 else 0.0 for q, r in zip(keep_prob, rates, strict=True)]
+    scale = [1 / keep_probability(r, device) if r < 1 else 0.0 for r in rates]
     return torch.where(keep, torch.tensor(scale, dtype=dtype, device=device).view(view), 0.0)
 
 
