@@ -176,8 +176,9 @@ def test_stacked_grid_groups_candidates_by_beta(tmp_path, monkeypatch):
         stacked = uci._stacked_grid("deterministic", grid, 8, 0, inner, 30, (xi, yi), val)
         for k, candidate in enumerate(grid):  # each candidate alone, as a one-member stack
             alone = uci._stacked_grid("deterministic", [candidate], 8, 0, inner, 30, (xi, yi), val)
-            assert stacked[k][0] == pytest.approx(alone[0][0], rel=1e-6)
-            assert stacked[k][1] == alone[0][1]
+            assert stacked[k].val_ll == pytest.approx(alone[0].val_ll, rel=1e-6)
+            assert stacked[k].scale == pytest.approx(alone[0].scale, rel=1e-6)
+            assert stacked[k].best_epoch == alone[0].best_epoch
         monkeypatch.setattr(uci, "STACKED_GRID", frozenset())
         looped = uci.run_method("deterministic", split, n_hidden=8, n_epochs=30)
         monkeypatch.undo()
@@ -185,7 +186,7 @@ def test_stacked_grid_groups_candidates_by_beta(tmp_path, monkeypatch):
         grouped = uci.run_method("deterministic", split, n_hidden=8, n_epochs=30)
     finally:
         torch.set_default_dtype(torch.float32)
-    assert stacked[0][0] != pytest.approx(stacked[3][0])  # beta changes the fit
+    assert stacked[0].val_ll != pytest.approx(stacked[3].val_ll)  # beta changes the fit
     assert grouped[1] == pytest.approx(looped[1], rel=1e-6)
 
 
@@ -198,20 +199,21 @@ def test_mc_dropout_grid_is_one_stack_of_dropout_rates(tmp_path, monkeypatch):
     grid = uci.GRIDS["mc_dropout"]
     assert len({c["dropout"] for c in grid}) == len(grid) > 1
     evaluated, fits = [], []
-    evaluate, fit = uci.evaluate, bdl.DeepEnsemble.fit
+    sample, fit = bdl.MCDropout.sample_outputs, bdl.DeepEnsemble.fit
 
-    def evaluate_spy(post, *args):
+    def sample_spy(post, *args, **kwargs):
         evaluated.append(post)
-        return evaluate(post, *args)
+        return sample(post, *args, **kwargs)
 
     def fit_spy(self, *args, **kwargs):
         fits.append((self, fit(self, *args, **kwargs)))
         return fits[-1][1]
 
-    monkeypatch.setattr(uci, "evaluate", evaluate_spy)
+    monkeypatch.setattr(bdl.MCDropout, "sample_outputs", sample_spy)
     monkeypatch.setattr(bdl.DeepEnsemble, "fit", fit_spy)
     inner, train, val = _inner_split(split)
     outcomes = uci._stacked_grid("mc_dropout", grid, 8, 0, inner, 30, train, val)
+    monkeypatch.setattr(bdl.MCDropout, "sample_outputs", sample)
     ((stack, history),) = fits
     assert len(outcomes) == len(evaluated) == stack.n_members == len(grid)
     members = stack.sample_outputs(val[0])
@@ -220,8 +222,8 @@ def test_mc_dropout_grid_is_one_stack_of_dropout_rates(tmp_path, monkeypatch):
         assert [m.p for m in post.dropout_layers.values()] == [candidate["dropout"]]
         with torch.no_grad():
             torch.testing.assert_close(post.model.eval()(val[0]), members[k])
-        assert math.isfinite(outcomes[k][0])
-        assert outcomes[k][1] == history.member_best_epochs[k]
+        assert math.isfinite(outcomes[k].val_ll)
+        assert outcomes[k].best_epoch == history.member_best_epochs[k]
     # the loop over separate fits runs too, on the same protocol (masks differ: not equal)
     monkeypatch.setattr(uci, "STACKED_GRID", frozenset())
     scores, selection = uci.run_method("mc_dropout", split, n_hidden=8, n_epochs=30)
@@ -275,9 +277,11 @@ def test_dropout_candidates_join_the_stack_without_changing_the_others(tmp_path)
     finally:
         torch.set_default_dtype(torch.float32)
     for k in range(len(base)):
-        assert with_dropout[k][0] == pytest.approx(without[k][0], rel=1e-9)
-        assert with_dropout[k][1] == without[k][1]
-    assert with_dropout[2][0] != pytest.approx(plain[2][0], rel=1e-6)  # the rate changes the fit
+        assert with_dropout[k].val_ll == pytest.approx(without[k].val_ll, rel=1e-9)
+        assert with_dropout[k].best_epoch == without[k].best_epoch
+    assert with_dropout[2].val_ll != pytest.approx(
+        plain[2].val_ll, rel=1e-6
+    )  # the rate changes the fit
 
 
 def test_point_estimate_and_laplace_share_one_grid_fit(tmp_path, monkeypatch):
@@ -316,3 +320,107 @@ def test_point_estimate_and_laplace_share_one_grid_fit(tmp_path, monkeypatch):
     assert trained == []  # neither the grid nor the refit trained again
     assert after == alone
     assert math.isfinite(point[0].ll)
+
+
+def test_variance_scale_of_a_single_draw_is_the_mean_squared_z_score(monkeypatch):
+    """One Gaussian per point: the factor maximising the validation log-likelihood is, in closed
+    form, ``s = mean((y - mu)^2 / sigma^2)``; the scaled log-likelihood is the closed form at it
+    (on the original scale: minus ``log(y_std)``) and never below the unscaled one."""
+    monkeypatch.setattr(uci, "VARIANCE_SCALING", True)
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    mu = torch.randn(n, generator=g, dtype=torch.float64)
+    log_var = 0.3 * torch.randn(n, generator=g, dtype=torch.float64) - 1.0
+    y_std = 2.5  # targets on the original scale: standardised * 2.5 + 4
+    z = mu + 3.0 * torch.exp(0.5 * log_var) * torch.randn(n, generator=g, dtype=torch.float64)
+    inner = bdl.data.Standardizer(
+        torch.zeros(1, dtype=torch.float64),
+        torch.ones(1, dtype=torch.float64),
+        4.0,
+        y_std,
+    )
+    y = z * y_std + 4.0
+    outputs = torch.stack([mu, log_var], dim=-1).unsqueeze(0)  # (1, n, 2)
+    outcome = uci._scaled_outcome(outputs, bdl.Gaussian(min_variance=0.0), y, inner, best_epoch=7)
+    s = float(((z - mu) ** 2 / log_var.exp()).mean())
+    assert 6.0 < s < 12.0  # the spread was three times the predicted one
+    assert outcome.scale == pytest.approx(s, rel=1e-6)
+    var = s * log_var.exp()
+    closed = float((-0.5 * torch.log(2 * math.pi * var) - 0.5 * (z - mu) ** 2 / var).mean())
+    assert outcome.val_ll == pytest.approx(closed - math.log(y_std), rel=1e-7)  # L-BFGS optimum
+    raw = float(
+        (-0.5 * torch.log(2 * math.pi * log_var.exp()) - 0.5 * (z - mu) ** 2 / log_var.exp()).mean()
+    )
+    assert outcome.val_ll_unscaled == pytest.approx(raw - math.log(y_std), rel=1e-9)
+    assert outcome.val_ll > outcome.val_ll_unscaled and outcome.best_epoch == 7
+
+
+def test_variance_scaling_moves_the_log_likelihood_not_the_rmse(tmp_path, monkeypatch):
+    """The protocol with and without the validation variance factor: the same networks, so the
+    same RMSE; the scaled test log-likelihood is the refit's outputs with their noise variances
+    times the factor, and the unscaled one is recorded beside it."""
+    write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
+    split = bdl.data.load_uci(tmp_path / "toy").split(0)
+    monkeypatch.setattr(uci, "VARIANCE_SCALING", True)
+    scores, selection = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=2)
+    assert selection["variance_scale"] > 0 and selection["variance_scale"] != 1.0
+    assert scores.ll != pytest.approx(selection["ll_unscaled"], rel=1e-6)
+    assert selection["val_ll"] >= selection["val_ll_unscaled"] - 1e-9
+    monkeypatch.setattr(uci, "VARIANCE_SCALING", False)
+    plain, unscaled = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=2)
+    assert unscaled["variance_scale"] == 1.0 and unscaled["val_ll"] == unscaled["val_ll_unscaled"]
+    assert plain.ll == unscaled["ll_unscaled"]
+    assert plain.rmse == pytest.approx(scores.rmse, rel=1e-6)
+    if unscaled["candidate"] == selection["candidate"]:
+        assert plain.ll == pytest.approx(selection["ll_unscaled"], rel=1e-9)
+
+
+def test_restandardise_keeps_the_distribution_on_the_original_scale():
+    g = torch.Generator().manual_seed(0)
+    outputs = torch.randn(3, 7, 2, generator=g, dtype=torch.float64)
+    old = bdl.data.Standardizer(torch.zeros(1), torch.ones(1), 2.0, 0.5)
+    new = bdl.data.Standardizer(torch.zeros(1), torch.ones(1), -1.0, 3.0)
+    moved = uci._restandardise(outputs, old, new)
+    torch.testing.assert_close(new.inverse_mean(moved[..., 0]), old.inverse_mean(outputs[..., 0]))
+    torch.testing.assert_close(
+        new.inverse_variance(moved[..., 1].exp()), old.inverse_variance(outputs[..., 1].exp())
+    )
+
+
+def test_deep_ensemble_keeps_the_chosen_candidates_grid_members(tmp_path, monkeypatch):
+    """The refitted members and the chosen candidate's grid members form one equal-weight
+    mixture: its mean is the average of the two groups' means."""
+    write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
+    split = bdl.data.load_uci(tmp_path / "toy").split(0)
+    preds, moved = [], []
+    score, restandardise = uci.score, uci._restandardise
+    monkeypatch.setattr(uci, "score", lambda pred, *a: preds.append(pred) or score(pred, *a))
+    monkeypatch.setattr(
+        uci, "_restandardise", lambda *a: moved.append(restandardise(*a)) or moved[-1]
+    )
+    joined, selection = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=3)
+    joined_pred = preds[-1]  # the test predictive
+    (grid_members,) = moved
+    per = uci.GRIDS["deep_ensemble"][0]["build"]["n_members"]
+    assert grid_members.shape == (per, len(split.x_test), 2)
+    monkeypatch.setattr(uci, "JOIN_GRID_MEMBERS", frozenset())
+    alone, again = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=3)
+    assert again["candidate"] == selection["candidate"] and len(moved) == 1
+    expected = (preds[-1].mean + grid_members[..., 0].mean(0)) / 2
+    torch.testing.assert_close(joined_pred.mean, expected)
+    assert joined.ll != pytest.approx(alone.ll, rel=1e-6)
+
+
+def test_variance_scaling_flag_turns_it_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(uci, "VARIANCE_SCALING", False)  # restored after the test
+    write_uci(tmp_path / "toy", n_rows=40, n_splits=1)
+    (tmp_path / "toy" / "n_epochs.txt").write_text("2\n")
+    (tmp_path / "toy" / "n_hidden.txt").write_text("8\n")
+    out = tmp_path / "uci.json"
+    args = ["--data-dir", str(tmp_path), "--methods", "deterministic", "--out", str(out)]
+    plain = uci.main([*args, "--quiet"])
+    scaled = uci.main([*args, "--quiet", "--variance-scaling"])
+    assert not plain["protocol"]["variance_scaling"] and scaled["protocol"]["variance_scaling"]
+    (before,) = plain["datasets"]["toy"]["deterministic"]["per_split"]["selection"]
+    (after,) = scaled["datasets"]["toy"]["deterministic"]["per_split"]["selection"]
+    assert before["variance_scale"] == 1.0 and after["variance_scale"] != 1.0
