@@ -529,12 +529,16 @@ class Result:
         }
 
 
-def run_dataset(ds: UCIDataset, method: str, n_splits: int, epochs_scale: float, log) -> dict:
+def run_dataset(
+    ds: UCIDataset, method: str, n_splits: int, epochs_scale: float, log, seed: int = SEED
+) -> dict:
     """One method on the first ``n_splits`` splits of ``ds``: the summary of :class:`Result`."""
     result = Result()
     for i in range(min(n_splits, ds.n_splits)):
         start = time.perf_counter()
-        scores, selection = run_method(method, ds.split(i), ds.n_hidden, ds.n_epochs, epochs_scale)
+        scores, selection = run_method(
+            method, ds.split(i), ds.n_hidden, ds.n_epochs, epochs_scale, seed=seed
+        )
         seconds = time.perf_counter() - start
         result.seconds += seconds
         result.rmse.append(scores.rmse)
@@ -651,6 +655,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--splits", type=int, default=None, help="use the first K splits")
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="epochs = n_epochs * F")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help="seed of the initialisations and data orders (another seed measures seed noise)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     parser.add_argument("--markdown", type=Path, default=None, help="default: OUT with .md")
     parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
@@ -716,6 +726,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "stacked_grid": sorted(STACKED_GRID),
                 "variance_scaling": VARIANCE_SCALING,
                 "splits": args.splits,
+                "seed": args.seed,
                 "threads": torch.get_num_threads(),
             },
             "datasets": {},
@@ -723,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for name in datasets:
             ds = load_uci(args.data_dir / name)
             for method in methods:
-                summary = run_dataset(ds, method, n_splits, args.epochs_scale, log)
+                summary = run_dataset(ds, method, n_splits, args.epochs_scale, log, args.seed)
                 results["datasets"].setdefault(name, {})[method] = summary
                 _write(results, args)  # after every method: a long run keeps what it finished
     _write(results, args)
