@@ -272,7 +272,9 @@ def run_method(
 ) -> tuple[Scores, dict]:
     """Grid on the last 20% of the training split, refit on all of it, test scores.
 
-    Returns the test :class:`Scores` and a record of the selection (candidate, epochs, val LL).
+    Returns the test :class:`Scores` and a record of the selection: the candidate's index, its
+    validation log-likelihood (scaled and unscaled), its variance factor (1 without
+    :data:`VARIANCE_SCALING`), the refit's epochs and the test log-likelihood before scaling.
     """
     grid = GRIDS.get(method, DEFAULT_GRID)
     n = len(split.x_train)
