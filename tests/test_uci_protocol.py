@@ -441,3 +441,57 @@ def test_seed_flag_changes_the_fits_and_is_recorded(tmp_path):
 
     assert ll(first) == ll(again)  # the default seed is 0 and runs are reproducible
     assert ll(other) != ll(first)
+
+
+def test_mix_partner_is_the_beta_dropout_candidate_unless_chosen():
+    grid = uci.GRIDS["deep_ensemble"]
+    partner = next(j for j, c in enumerate(grid) if c.get("beta") == 1.0 and c.get("dropout"))
+    assert uci._mix_partner(grid, 0) == partner
+    assert uci._mix_partner(grid, partner) is None
+    assert uci._mix_partner(({"precision": 0.3}, {"precision": 3.0}), 0) is None
+
+
+@pytest.mark.parametrize("prefer_mix", [True, False])
+def test_deep_ensemble_mixes_in_the_partner_when_validation_prefers_it(
+    tmp_path, monkeypatch, prefer_mix
+):
+    """The partner's grid members join the predictive exactly when the validation
+    log-likelihood of the mixture beats the chosen candidate's alone."""
+    write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
+    split = bdl.data.load_uci(tmp_path / "toy").split(0)
+    grid = (
+        {"precision": 0.3, "build": {"n_members": 2}},
+        {**uci.MIX_CANDIDATE, "build": {"n_members": 2}},
+    )
+    monkeypatch.setitem(uci.GRIDS, "deep_ensemble", grid)
+    # candidate 0 is the choice; after the grid, the first two scores are the validation
+    # log-likelihoods of candidate 0's members alone and of the mixture: steer them
+    stacked_grid, score = uci._stacked_grid, uci.score
+    calls: list[int] | None = None
+
+    def chosen_first(*args, **kwargs):
+        nonlocal calls
+        real = stacked_grid(*args, **kwargs)  # trains the grid (kept for the join)
+        calls = []
+        return [uci.Outcome(0.0, 1.0, 0.0, o.best_epoch) for o in real[:1]] + [
+            uci.Outcome(-1.0, 1.0, -1.0, o.best_epoch) for o in real[1:]
+        ]
+
+    def steered(pred, y, scaler):
+        result = score(pred, y, scaler)
+        if calls is None or len(calls) >= 2:
+            return result
+        calls.append(len(y))
+        better = (len(calls) == 2) == prefer_mix
+        return uci.Scores(result.rmse, 1.0 if better else -1.0)
+
+    monkeypatch.setattr(uci, "_stacked_grid", chosen_first)
+    monkeypatch.setattr(uci, "score", steered)
+    moved = []
+    restandardise = uci._restandardise
+    monkeypatch.setattr(
+        uci, "_restandardise", lambda *a: moved.append(restandardise(*a)) or moved[-1]
+    )
+    _, selection = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=3)
+    assert selection["candidate"] == 0 and selection["mixed"] is prefer_mix
+    assert len(moved[0]) == (4 if prefer_mix else 2)
