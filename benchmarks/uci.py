@@ -204,11 +204,6 @@ class Scores:
     ll: float
 
 
-def evaluate(post, x: Tensor, y: Tensor, scaler: Standardizer) -> Scores:
-    """RMSE and mean log-likelihood on the original scale; ``x`` standardised, ``y`` original."""
-    return score(post.predict(x, generator=_predict_generator()), y, scaler)
-
-
 def _predict_generator() -> torch.Generator:
     return torch.Generator().manual_seed(PREDICT_SEED)
 
@@ -226,11 +221,19 @@ class Outcome:
 
 
 def _scaled_outcome(
-    outputs: Tensor, likelihood, y_val: Tensor, inner: Standardizer, best_epoch: int
+    outputs: Tensor,
+    likelihood,
+    y_val: Tensor,
+    inner: Standardizer,
+    best_epoch: int,
+    variance_scaling: bool | None = None,
 ) -> Outcome:
-    """:class:`Outcome` of validation ``outputs`` ``(S, B, 2)`` (``y_val`` original scale)."""
+    """:class:`Outcome` of validation ``outputs`` ``(S, B, 2)`` (``y_val`` original scale);
+    ``variance_scaling`` ``None`` means :data:`VARIANCE_SCALING`."""
     raw = score(likelihood.predictive(outputs), y_val, inner).ll
-    if not (VARIANCE_SCALING and math.isfinite(raw)):
+    if variance_scaling is None:
+        variance_scaling = VARIANCE_SCALING
+    if not (variance_scaling and math.isfinite(raw)):
         return Outcome(raw, 1.0, raw, best_epoch)
     try:
         scale = fit_scale(outputs, inner.transform_y(y_val), likelihood)
@@ -276,13 +279,17 @@ def run_method(
     n_epochs: int,
     epochs_scale: float = 1.0,
     seed: int = SEED,
+    variance_scaling: bool | None = None,
 ) -> tuple[Scores, dict]:
     """Grid on the last 20% of the training split, refit on all of it, test scores.
 
     Returns the test :class:`Scores` and a record of the selection: the candidate's index, its
     validation log-likelihood (scaled and unscaled), its variance factor (1 without
     :data:`VARIANCE_SCALING`), the refit's epochs and the test log-likelihood before scaling.
+    ``variance_scaling`` ``None`` means :data:`VARIANCE_SCALING`.
     """
+    if variance_scaling is None:
+        variance_scaling = VARIANCE_SCALING
     grid = GRIDS.get(method, DEFAULT_GRID)
     n = len(split.x_train)
     n_val = max(1, round(VAL_FRACTION * n))
@@ -296,7 +303,16 @@ def run_method(
         outcomes = []
     elif method in STACKED_GRID:
         outcomes = _stacked_grid(
-            method, grid, n_hidden, seed, inner, epochs, (xi, yi), (xv, y_val), kept=kept
+            method,
+            grid,
+            n_hidden,
+            seed,
+            inner,
+            epochs,
+            (xi, yi),
+            (xv, y_val),
+            kept=kept,
+            variance_scaling=variance_scaling,
         )
     else:
         outcomes = []
@@ -306,7 +322,11 @@ def run_method(
             history = _fit(post, method, xi, yi, candidate, epochs, seed, val=(xv, yv))
             outputs = post.sample_outputs(xv, generator=_predict_generator())
             best_epoch = history.best_epoch or epochs
-            outcomes.append(_scaled_outcome(outputs, post.likelihood, y_val, inner, best_epoch))
+            outcomes.append(
+                _scaled_outcome(
+                    outputs, post.likelihood, y_val, inner, best_epoch, variance_scaling
+                )
+            )
     k, best = 0, None
     for j, outcome in enumerate(outcomes):
         if math.isfinite(outcome.val_ll) and (best is None or outcome.val_ll > best.val_ll):
@@ -339,10 +359,8 @@ def run_method(
         partner = _mix_partner(grid, k)
         if partner is not None:  # mix in the partner's members if validation prefers it
             both = members + list(range(partner * per, (partner + 1) * per))
-            val_outputs = grid_post.sample_outputs(xv)
-            alone = score(grid_post.likelihood.predictive(val_outputs[members]), y_val, inner).ll
-            mix = score(grid_post.likelihood.predictive(val_outputs[both]), y_val, inner).ll
-            if mix > alone:
+            mixture = grid_post.likelihood.predictive(kept["val_outputs"][both])
+            if score(mixture, y_val, inner).ll > best.val_ll_unscaled:  # the members alone
                 members, mixed = both, True
         grid_outputs = grid_post.sample_outputs(inner.transform_x(split.x_test))[members]
         grid_outputs = _restandardise(grid_outputs, inner, scaler)
@@ -402,6 +420,7 @@ def _stacked_grid(
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
     kept: dict | None = None,
+    variance_scaling: bool | None = None,
 ) -> list[Outcome]:
     """Every candidate of ``grid`` in one stacked fit (see :data:`STACKED_GRID`): candidates
     differ only in their precision, likelihood ``beta`` and dropout rate, each a group of members
@@ -409,7 +428,9 @@ def _stacked_grid(
 
     ``train`` holds standardised inputs and targets, ``val`` standardised inputs and targets on
     the original scale. Returns the :class:`Outcome` of each candidate, as the loop over
-    candidates would.
+    candidates would. ``kept``, if given, receives the stacked posterior (``"post"``), the
+    members per candidate (``"per"``) and, for methods whose draws are the members, their
+    validation outputs ``(M, B, 2)`` (``"val_outputs"``).
     """
     varying = ("precision", "beta", "dropout")
     shared = [{n: v for n, v in c.items() if n not in varying} for c in grid]
@@ -462,9 +483,15 @@ def _stacked_grid(
             candidate_outputs = outputs[k * draws : (k + 1) * draws]
             likelihood = post.likelihood
         best_epoch = max(member_best[k * per : (k + 1) * per])
-        outcomes.append(_scaled_outcome(candidate_outputs, likelihood, y_val, inner, best_epoch))
+        outcomes.append(
+            _scaled_outcome(
+                candidate_outputs, likelihood, y_val, inner, best_epoch, variance_scaling
+            )
+        )
     if kept is not None:  # the grid fit itself, for JOIN_GRID_MEMBERS
         kept.update(post=post, per=per)
+        if method not in ("laplace", "mc_dropout", "swag"):
+            kept["val_outputs"] = outputs
     return outcomes
 
 
@@ -558,14 +585,26 @@ class Result:
 
 
 def run_dataset(
-    ds: UCIDataset, method: str, n_splits: int, epochs_scale: float, log, seed: int = SEED
+    ds: UCIDataset,
+    method: str,
+    n_splits: int,
+    epochs_scale: float,
+    log,
+    seed: int = SEED,
+    variance_scaling: bool | None = None,
 ) -> dict:
     """One method on the first ``n_splits`` splits of ``ds``: the summary of :class:`Result`."""
     result = Result()
     for i in range(min(n_splits, ds.n_splits)):
         start = time.perf_counter()
         scores, selection = run_method(
-            method, ds.split(i), ds.n_hidden, ds.n_epochs, epochs_scale, seed=seed
+            method,
+            ds.split(i),
+            ds.n_hidden,
+            ds.n_epochs,
+            epochs_scale,
+            seed=seed,
+            variance_scaling=variance_scaling,
         )
         seconds = time.perf_counter() - start
         result.seconds += seconds
@@ -707,8 +746,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    global VARIANCE_SCALING
-    VARIANCE_SCALING = VARIANCE_SCALING or args.variance_scaling
+    variance_scaling = VARIANCE_SCALING or args.variance_scaling
     if args.merge:
         results: dict = {"datasets": {}}
         for path in args.merge:
@@ -752,7 +790,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "patience_fraction": PATIENCE_FRACTION,
                 "min_patience": MIN_PATIENCE,
                 "stacked_grid": sorted(STACKED_GRID),
-                "variance_scaling": VARIANCE_SCALING,
+                "variance_scaling": variance_scaling,
                 "splits": args.splits,
                 "seed": args.seed,
                 "threads": torch.get_num_threads(),
@@ -762,7 +800,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for name in datasets:
             ds = load_uci(args.data_dir / name)
             for method in methods:
-                summary = run_dataset(ds, method, n_splits, args.epochs_scale, log, args.seed)
+                summary = run_dataset(
+                    ds, method, n_splits, args.epochs_scale, log, args.seed, variance_scaling
+                )
                 results["datasets"].setdefault(name, {})[method] = summary
                 _write(results, args)  # after every method: a long run keeps what it finished
     _write(results, args)
