@@ -208,6 +208,68 @@ def test_objectives_train_on_beta_nll_and_validate_on_the_nll():
     assert not torch.allclose(nll_train, val)
 
 
+class _StopOnTrainingLoss(Gaussian):
+    """beta-NLL that validates on its own training loss."""
+
+    def validation_loss(self, params, y):
+        return self.training_loss(params, y)
+
+
+def test_objectives_validate_on_an_overridden_validation_loss():
+    """validation_loss is the hook that validation and early stopping monitor: overridden, every
+    objective reports it, and the reported scores (nll) stay the NLL."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 2, generator=g), torch.randn(16, generator=g)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 2)
+    likelihood = _StopOnTrainingLoss(beta=1.0)
+    point = bdl.Deterministic(net, likelihood)
+    ensemble = bdl.DeepEnsemble(net, likelihood, n_members=2, seed=0)
+    for post, params in ((point, point.network(x)), (ensemble, ensemble.sample_outputs(x))):
+        want = post.likelihood.training_loss(params, y).mean(-1)
+        assert not torch.allclose(want, post.likelihood.nll(params, y).mean(-1))
+        torch.testing.assert_close(post._objective().val_loss(x, y).detach(), want)
+
+    vi = bdl.MeanFieldVI(net, _StopOnTrainingLoss(beta=1.0), training_noise="fresh")
+    objective = vi._objective()
+
+    def seeded(fn):
+        vi._noise = None
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            return fn().detach()
+
+    val = seeded(lambda: objective.val_loss(x, y))
+    torch.testing.assert_close(val, seeded(lambda: vi._nll_and_kl(x, y)[0]))  # training loss
+    assert not torch.allclose(val, seeded(lambda: vi._nll_and_kl(x, y, train=False)[0]))
+
+
+def test_early_stopping_follows_the_validation_loss():
+    """A validation loss that never improves after the first epoch stops the fit there (the
+    NLL of the same fit keeps improving), for every member of an ensemble."""
+
+    class NeverBetter(Gaussian):
+        calls = 0
+
+        def validation_loss(self, params, y):
+            NeverBetter.calls += 1
+            return torch.zeros_like(self.nll(params, y)) + NeverBetter.calls
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 2, generator=g)
+    y = x @ torch.tensor([1.0, -2.0]) + 0.1 * torch.randn(64, generator=g)
+    options = dict(epochs=30, batch_size=16, lr=1e-2, seed=0, patience=3, progress=False)
+    for likelihood, stops in ((Gaussian(), False), (NeverBetter(), True)):
+        torch.manual_seed(0)
+        post = bdl.DeepEnsemble(torch.nn.Linear(2, 2), likelihood, n_members=2, seed=0)
+        history = post.fit((x, y), val_data=(x, y), **options)
+        assert history.stopped_early == stops
+        if stops:
+            assert history.epochs_run == 4 and history.member_best_epochs == [1, 1]
+        else:
+            assert min(history.member_best_epochs) > 20
+
+
 def test_beta_nll_fit_learns_mean_and_input_dependent_noise():
     """beta = 1 trains the mean like the squared error, yet the variance still finds the noise
     level: on y = 2x + (0.1 + 0.4 |x|) eps the predicted noise grows with |x| as it should."""

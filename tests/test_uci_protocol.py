@@ -240,6 +240,10 @@ def test_member_beta_gaussian_is_the_library_loss_per_member():
         want = bdl.Gaussian(beta=beta).training_loss(params[m], y)
         torch.testing.assert_close(got[m], want)
     torch.testing.assert_close(lik.nll(params, y), bdl.Gaussian().nll(params, y))
+    # each member early-stops on its own training loss: the NLL for beta = 0 alone
+    torch.testing.assert_close(lik.validation_loss(params, y), got)
+    torch.testing.assert_close(lik.validation_loss(params, y)[0], lik.nll(params, y)[0])
+    assert not torch.allclose(lik.validation_loss(params, y)[2], lik.nll(params, y)[2])
     with pytest.raises(ValueError, match=r"3 stacked members, \(M, B, 2\); got \(2, 5, 2\)"):
         lik.training_loss(params[:2], y)
     with pytest.raises(ValueError, match="beta must be a number"):
@@ -406,7 +410,9 @@ def test_deep_ensemble_keeps_the_chosen_candidates_grid_members(tmp_path, monkey
     monkeypatch.setattr(uci, "JOIN_GRID_MEMBERS", frozenset())
     alone, again = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=3)
     assert again["candidate"] == selection["candidate"] and len(moved) == 1
-    expected = (preds[-1].mean + grid_members[..., 0].mean(0)) / 2
+    refit = preds[-1].n_samples  # the refit's members (REFIT_BUILD), weighted by count
+    assert refit == uci.REFIT_BUILD["deep_ensemble"]["n_members"]
+    expected = (refit * preds[-1].mean + per * grid_members[..., 0].mean(0)) / (refit + per)
     torch.testing.assert_close(joined_pred.mean, expected)
     assert joined.ll != pytest.approx(alone.ll, rel=1e-6)
 
@@ -468,9 +474,11 @@ def test_deep_ensemble_mixes_in_the_partner_when_validation_prefers_it(
     # mixture's is compared with) is set below or above any finite value
     stacked_grid = uci._stacked_grid
     alone = -math.inf if prefer_mix else math.inf
+    trained = []
 
     def chosen_first(*args, **kwargs):
         real = stacked_grid(*args, **kwargs)  # trains the grid (kept for the join)
+        trained.extend(real)
         return [uci.Outcome(alone, 1.0, 0.0, o.best_epoch) for o in real[:1]] + [
             uci.Outcome(-1.0, 1.0, -1.0, o.best_epoch) for o in real[1:]
         ]
@@ -481,6 +489,37 @@ def test_deep_ensemble_mixes_in_the_partner_when_validation_prefers_it(
     monkeypatch.setattr(
         uci, "_restandardise", lambda *a: moved.append(restandardise(*a)) or moved[-1]
     )
+    fits, preds = [], []
+    fit, score = uci._fit, uci.score
+    monkeypatch.setattr(
+        uci,
+        "_fit",
+        lambda post, m, x, y, c, e, seed, val=None: (
+            fits.append((c, e, seed)) or fit(post, m, x, y, c, e, seed, val)
+        ),
+    )
+    monkeypatch.setattr(uci, "score", lambda pred, *a: preds.append(pred) or score(pred, *a))
     _, selection = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=3)
     assert selection["candidate"] == 0 and selection["mixed"] is prefer_mix
     assert len(moved[0]) == (4 if prefer_mix else 2)
+    # when mixed the partner is refitted too (its own best epoch, other initialisations): two
+    # refits and two grid groups of two members each weigh alike in the test predictive
+    refits = [uci._refit_candidate("deep_ensemble", c) for c in grid]
+    assert [(c, seed) for c, _, seed in fits] == [(refits[0], 0), (refits[1], 1)][: 1 + prefer_mix]
+    refit = uci.REFIT_BUILD["deep_ensemble"]["n_members"]
+    assert preds[-1].n_samples == (2 * refit + 4 if prefer_mix else refit + 2)
+    assert fits[0][1] == selection["epochs"] == max(1, trained[0].best_epoch)
+    if prefer_mix:
+        assert fits[1][1] == max(1, trained[1].best_epoch)
+
+
+def test_refit_candidate_overrides_only_the_listed_build_options(monkeypatch):
+    monkeypatch.setattr(uci, "REFIT_BUILD", {"deep_ensemble": {"n_members": 7}})
+    candidate = {"precision": 0.3, "beta": 1.0, "build": {"n_members": 5, "other": 1}}
+    refit = uci._refit_candidate("deep_ensemble", candidate)
+    assert refit == {"precision": 0.3, "beta": 1.0, "build": {"n_members": 7, "other": 1}}
+    assert candidate["build"]["n_members"] == 5  # the grid's candidate is left as it was
+    assert uci._refit_candidate("swag", candidate) is candidate
+    refit["build"].pop("other")
+    post = uci.build("deep_ensemble", refit, n_features=3, n_hidden=4, seed=0)
+    assert post.n_members == 7

@@ -8,9 +8,10 @@ A likelihood is a small ``nn.Module`` that sits on top of the user's network:
   parameters are trained, sampled, stacked over ensemble members and saved exactly like the
   network's, by every posterior, without special cases.
 * :meth:`Likelihood.nll` is the per-example negative log-likelihood on natural parameters: what
-  validation, early stopping and every reported score use. :meth:`Likelihood.training_loss` is
-  what the fit loops minimise; it is the NLL unless the likelihood is told otherwise (the
-  ``beta`` of the Gaussians: Seitzer et al.'s beta-NLL).
+  every reported score uses. :meth:`Likelihood.training_loss` is what the fit loops minimise; it
+  is the NLL unless the likelihood is told otherwise (the ``beta`` of the Gaussians: Seitzer et
+  al.'s beta-NLL). :meth:`Likelihood.validation_loss` is what validation and early stopping
+  monitor: the NLL, unless a subclass overrides it.
 * :meth:`Likelihood.predictive` turns natural parameters under ``S`` posterior draws,
   ``(S, B, ...)``, into a :class:`~bayesdl.predictions.ClassificationPrediction` or
   :class:`~bayesdl.predictions.RegressionPrediction`.
@@ -62,6 +63,11 @@ class Likelihood(nn.Module, ABC):
 
     def training_loss(self, params: Tensor, y: Tensor) -> Tensor:
         """Per-example loss the fit loops minimise, shapes as :meth:`nll`; the NLL by default."""
+        return self.nll(params, y)
+
+    def validation_loss(self, params: Tensor, y: Tensor) -> Tensor:
+        """Per-example loss that validation and early stopping monitor, shapes as :meth:`nll`;
+        the NLL by default (override it to stop on, e.g., the training objective instead)."""
         return self.nll(params, y)
 
     @abstractmethod

@@ -74,7 +74,7 @@ class NetworkObjective:
         return self.network.likelihood.training_loss(self.network(x), y).mean()
 
     def val_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.network.likelihood.nll(self.network(x), y).mean()
+        return self.network.likelihood.validation_loss(self.network(x), y).mean()
 
 
 class Posterior(ABC):

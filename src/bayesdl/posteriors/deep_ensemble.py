@@ -152,9 +152,10 @@ class StackedMembers(Posterior):
     def _member_losses(
         self, x: Tensor, y: Tensor, data_dim: int | None, train: bool = False
     ) -> Tensor:
-        """Mean loss per member, ``(M,)``: the training loss with ``train``, else the NLL."""
+        """Mean loss per member, ``(M,)``: the likelihood's training loss with ``train``, else
+        its validation loss."""
         # Only the network runs under vmap; the likelihood broadcasts over the member axis.
-        loss = self.likelihood.training_loss if train else self.likelihood.nll
+        loss = self.likelihood.training_loss if train else self.likelihood.validation_loss
         return loss(self._member_outputs(x, data_dim), y).mean(-1)
 
     def _objective(self) -> _EnsembleObjective:

@@ -317,11 +317,14 @@ class MeanFieldVI(Posterior):
         return self.kl_weight * min(1.0, self._epoch / self.kl_annealing_epochs)
 
     # ------------------------------------------------------------------ training
-    def _nll_and_kl(self, x: Tensor, y: Tensor, train: bool = True) -> tuple[Tensor, Tensor]:
+    def _nll_and_kl(
+        self, x: Tensor, y: Tensor, train: bool = True, data_term=None
+    ) -> tuple[Tensor, Tensor]:
         """Mean NLL over the batch and the draws (the likelihood's training loss with
-        ``train``), and the (estimated) KL."""
+        ``train``; ``data_term``, a per-example loss, if given), and the (estimated) KL."""
         s = self.n_train_samples
-        data_term = self.likelihood.training_loss if train else self.likelihood.nll
+        if data_term is None:
+            data_term = self.likelihood.training_loss if train else self.likelihood.nll
         local = self.estimators
         if not local and s > 1:  # S whole weight sets at once
             sigma = self.sigma
@@ -602,7 +605,7 @@ class _VIObjective:
         return self.vi.negative_elbo(x, y, n_data, training_loss=True) / n_data
 
     def val_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.vi._nll_and_kl(x, y, train=False)[0]
+        return self.vi._nll_and_kl(x, y, data_term=self.vi.likelihood.validation_loss)[0]
 
     def end_epoch(self, epoch: int, optimizer) -> None:
         self.vi._epoch = epoch + 1
