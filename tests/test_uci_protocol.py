@@ -441,6 +441,11 @@ def test_seed_flag_changes_the_fits_and_is_recorded(tmp_path):
     again = uci.main([*args, "--out", str(tmp_path / "b.json"), "--seed", "0"])
     other = uci.main([*args, "--out", str(tmp_path / "c.json"), "--seed", "1"])
     assert first["protocol"]["seed"] == 0 and other["protocol"]["seed"] == 1
+    # the deep-ensemble predictive's settings are recorded with the run
+    assert first["protocol"]["refit_build"] == uci.REFIT_BUILD
+    assert first["protocol"]["mix_candidate"] == uci.MIX_CANDIDATE
+    assert first["protocol"]["mix_refit"] is uci.MIX_REFIT
+    assert first["protocol"]["join_grid_members"] == ["deep_ensemble"]
 
     def ll(results):
         return results["datasets"]["toy"]["deep_ensemble"]["per_split"]["ll"]
