@@ -134,14 +134,15 @@ _POINT_FITS: dict[str, object] = {}
 VARIANCE_SCALING = False
 #: Deep ensembles keep the chosen candidate's members of the grid fit (trained on the first 80%
 #: of the training split, early-stopped on the last 20%) beside the members refitted on all of
-#: it: twice the members for no extra training (their outputs are mapped from the grid's
-#: standardisation to the refit's). Every member is trained on training rows only; the mixture
-#: weights all ten equally.
+#: it (:data:`REFIT_BUILD`): more members for no extra training (their outputs are mapped from
+#: the grid's standardisation to the refit's). Every member is trained on training rows only;
+#: the mixture weights all members equally.
 JOIN_GRID_MEMBERS = frozenset({"deep_ensemble"})
 #: Deep ensembles may also mix in the grid members of this candidate (beta-NLL with dropout: means
 #: trained as by the squared error) when the chosen candidate is another one: the mixture of both
 #: candidates' grid members is compared with the chosen candidate's alone on the validation
-#: log-likelihood, and the better one's members (plus the refit) form the predictive.
+#: log-likelihood, and the better one's members (plus the refits, see :data:`MIX_REFIT`) form
+#: the predictive.
 MIX_CANDIDATE = {"precision": 0.3, "beta": 1.0, "dropout": 0.2}
 #: When the partner is mixed in, it is refitted on the whole split as well (its own best epoch,
 #: other initialisations), so both candidates weigh alike in the predictive, as they did in the
