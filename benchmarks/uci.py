@@ -412,11 +412,14 @@ def _mix_partner(grid: Sequence[dict], k: int) -> int | None:
 class _MemberBetaGaussian(bdl.Gaussian):
     """The Gaussian likelihood of a stacked fit whose members train with different beta-NLL
     weights (:class:`bayesdl.Gaussian`'s ``beta``), one per member, so that a grid over beta
-    stays one vectorised program. Each member is early-stopped on its own training loss on the
-    validation rows (:meth:`validation_loss`; the NLL for ``beta = 0``): beta-NLL trains the
-    mean as the squared error does, and stopping it on the NLL, which its variances were not
-    fitted for, cut the means short (Boston, concrete, wine). The NLL (``nll``, scores) is the
-    plain Gaussian's."""
+    stays one vectorised program. Early stopping (:meth:`validation_loss`) watches the NLL of
+    the ``beta = 0`` members and the squared error of the mean, ``(y - mu)^2 / 2``, of the
+    others: beta-NLL trains the mean as the squared error does, and stopped on the NLL, which
+    its variances were not fitted for, its means were cut short (Boston, concrete, wine); stopped
+    on its own loss, whose value keeps falling while the variances shrink below the errors, its
+    variances overfitted (energy: the validation then chose the NLL candidate on 19 of 20
+    splits, and RMSE 1.63 against 0.89 stopped on the squared error, 20 splits each). The NLL
+    (``nll``, scores) is the plain Gaussian's."""
 
     def __init__(self, betas: Sequence[float]) -> None:
         super().__init__()
@@ -424,17 +427,23 @@ class _MemberBetaGaussian(bdl.Gaussian):
             bdl.Gaussian(beta=beta)
         self.member_beta = torch.tensor(betas).unsqueeze(-1)  # (M, 1): broadcasts over (M, B)
 
-    def training_loss(self, params: Tensor, y: Tensor) -> Tensor:
+    def _check_members(self, params: Tensor) -> None:
         if params.ndim != 3 or len(params) != len(self.member_beta):
             raise ValueError(
                 f"expected the outputs of {len(self.member_beta)} stacked members, (M, B, 2); "
                 f"got {tuple(params.shape)}"
             )
+
+    def training_loss(self, params: Tensor, y: Tensor) -> Tensor:
+        self._check_members(params)
         out, var = self._nll_per_target(params, y)
         return out * var.detach() ** self.member_beta.to(var)
 
     def validation_loss(self, params: Tensor, y: Tensor) -> Tensor:
-        return self.training_loss(params, y)
+        self._check_members(params)
+        nll = self.nll(params, y)  # (M, B)
+        squared = 0.5 * (y - self.mean_variance(params)[0]) ** 2
+        return torch.where(self.member_beta.to(nll) > 0, squared, nll)
 
 
 def _stacked_grid(

@@ -240,12 +240,20 @@ def test_member_beta_gaussian_is_the_library_loss_per_member():
         want = bdl.Gaussian(beta=beta).training_loss(params[m], y)
         torch.testing.assert_close(got[m], want)
     torch.testing.assert_close(lik.nll(params, y), bdl.Gaussian().nll(params, y))
-    # each member early-stops on its own training loss: the NLL for beta = 0 alone
-    torch.testing.assert_close(lik.validation_loss(params, y), got)
-    torch.testing.assert_close(lik.validation_loss(params, y)[0], lik.nll(params, y)[0])
-    assert not torch.allclose(lik.validation_loss(params, y)[2], lik.nll(params, y)[2])
-    with pytest.raises(ValueError, match=r"3 stacked members, \(M, B, 2\); got \(2, 5, 2\)"):
-        lik.training_loss(params[:2], y)
+    # early stopping: the NLL of the beta = 0 member, the mean's squared error of the others
+    val = lik.validation_loss(params, y)
+    assert val.shape == (3, 5)
+    torch.testing.assert_close(val[0], lik.nll(params, y)[0])
+    for m in (1, 2):
+        torch.testing.assert_close(val[m], 0.5 * (y - params[m, :, 0]) ** 2)
+    # the variances do not enter it: shrinking them changes the NLL member's value alone
+    shrunk = params.clone()
+    shrunk[..., 1] -= 3.0
+    changed = lik.validation_loss(shrunk, y) != val
+    assert changed[0].all() and not changed[1:].any()
+    for loss in (lik.training_loss, lik.validation_loss):
+        with pytest.raises(ValueError, match=r"3 stacked members, \(M, B, 2\); got \(2, 5, 2\)"):
+            loss(params[:2], y)
     with pytest.raises(ValueError, match="beta must be a number"):
         uci._MemberBetaGaussian([0.0, 2.0])
 
