@@ -453,6 +453,7 @@ def test_seed_flag_changes_the_fits_and_is_recorded(tmp_path):
     assert first["protocol"]["refit_build"] == uci.REFIT_BUILD
     assert first["protocol"]["mix_candidate"] == uci.MIX_CANDIDATE
     assert first["protocol"]["mix_refit"] is uci.MIX_REFIT
+    assert first["protocol"]["greedy_mix"] is uci.GREEDY_MIX
     assert first["protocol"]["join_grid_members"] == ["deep_ensemble"]
 
     def ll(results):
@@ -524,6 +525,74 @@ def test_deep_ensemble_mixes_in_the_partner_when_validation_prefers_it(
     assert fits[0][1] == selection["epochs"] == max(1, trained[0].best_epoch)
     if prefer_mix:
         assert fits[1][1] == max(1, trained[1].best_epoch)
+
+
+def test_mixture_adds_the_best_candidate_while_validation_improves():
+    """Greedy ensemble selection: from the winner, add the candidate whose mixture has the best
+    validation log-likelihood while that beats the current mixture's; without ``greedy`` only
+    the partner (MIX_CANDIDATE) may join, and only when the mixture beats the winner alone."""
+    grid = uci.GRIDS["deep_ensemble"]
+    partner = uci._mix_partner(grid, 0)
+    gain = {1: 0.3, 2: 0.5, 3: -0.2, partner: 0.1}  # each candidate's fixed effect
+    calls = []
+
+    def mixture_ll(candidates):
+        calls.append(list(candidates))
+        # additive gains with a penalty for size: 2 then 1 help, then nothing does
+        return (
+            -1.0
+            + sum(gain.get(c, 0.0) for c in candidates[1:])
+            - 0.25 * max(0, len(candidates) - 2)
+        )
+
+    assert uci._mixture(grid, 0, -1.0, mixture_ll, greedy=True) == [0, 2, 1]
+    # the first round tries every other candidate, the last finds no gain and stops
+    assert calls[: len(grid) - 1] == [[0, j] for j in range(1, len(grid))]
+    assert calls[-1][:3] == [0, 2, 1] and len(calls[-1]) == 4
+    assert uci._mixture(grid, 0, 0.0, mixture_ll, greedy=True) == [0]  # nothing beats alone
+    assert uci._mixture(grid, 0, -1.0, mixture_ll, greedy=False) == [0, partner]
+    assert uci._mixture(grid, 0, -0.85, mixture_ll, greedy=False) == [0]
+    assert uci._mixture(grid, partner, -2.0, mixture_ll, greedy=False) == [partner]
+    nan = uci._mixture(grid, 0, -1.0, lambda c: math.nan, greedy=True)
+    assert nan == [0]  # a mixture whose log-likelihood is NaN never joins
+
+
+def test_greedy_mix_refits_every_added_candidate(tmp_path, monkeypatch):
+    """With ``greedy_mix`` each added candidate is refitted (seeds 1, 2, ...) and its grid
+    members join: the predictive holds (refit + grid) members per candidate in the mixture."""
+    write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
+    split = bdl.data.load_uci(tmp_path / "toy").split(0)
+    grid = tuple({"precision": lam, "build": {"n_members": 2}} for lam in (0.3, 3.0, 30.0))
+    monkeypatch.setitem(uci.GRIDS, "deep_ensemble", grid)
+    monkeypatch.setattr(
+        uci,
+        "_mixture",
+        lambda g, k, alone, ll, greedy: (
+            [k, *(j for j in range(len(g)) if j != k)] if greedy else [k]
+        ),
+    )
+    fits, preds = [], []
+    fit, score = uci._fit, uci.score
+    monkeypatch.setattr(
+        uci,
+        "_fit",
+        lambda post, m, x, y, c, e, seed, val=None: (
+            fits.append((c, seed)) or fit(post, m, x, y, c, e, seed, val)
+        ),
+    )
+    monkeypatch.setattr(uci, "score", lambda pred, *a: preds.append(pred) or score(pred, *a))
+    _, selection = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=3, greedy_mix=True)
+    k = selection["candidate"]
+    order = [k, *(j for j in range(3) if j != k)]
+    assert selection["mixture"] == order and selection["mixed"] is True
+    refits = [uci._refit_candidate("deep_ensemble", grid[j]) for j in order]
+    assert fits == list(zip(refits, [0, 1, 2], strict=True))
+    refit = uci.REFIT_BUILD["deep_ensemble"]["n_members"]
+    assert preds[-1].n_samples == 3 * (refit + 2)
+    preds.clear()
+    _, alone = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=3, greedy_mix=False)
+    assert alone["mixture"] == [alone["candidate"]] and alone["mixed"] is False
+    assert preds[-1].n_samples == refit + 2
 
 
 def test_refit_candidate_overrides_only_the_listed_build_options(monkeypatch):
