@@ -471,6 +471,21 @@ def test_mix_partner_is_the_beta_dropout_candidate_unless_chosen():
     assert uci._mix_partner(({"precision": 0.3}, {"precision": 3.0}), 0) is None
 
 
+def _record_fits_and_scores(monkeypatch):
+    """Record ``run_method``'s fits ``(candidate, epochs, seed)`` and scored predictives."""
+    fits, preds = [], []
+    fit, score = uci._fit, uci.score
+    monkeypatch.setattr(
+        uci,
+        "_fit",
+        lambda post, m, x, y, c, e, seed, val=None: (
+            fits.append((c, e, seed)) or fit(post, m, x, y, c, e, seed, val)
+        ),
+    )
+    monkeypatch.setattr(uci, "score", lambda pred, *a: preds.append(pred) or score(pred, *a))
+    return fits, preds
+
+
 @pytest.mark.parametrize("prefer_mix", [True, False])
 def test_deep_ensemble_mixes_in_the_partner_when_validation_prefers_it(
     tmp_path, monkeypatch, prefer_mix
@@ -503,16 +518,7 @@ def test_deep_ensemble_mixes_in_the_partner_when_validation_prefers_it(
     monkeypatch.setattr(
         uci, "_restandardise", lambda *a: moved.append(restandardise(*a)) or moved[-1]
     )
-    fits, preds = [], []
-    fit, score = uci._fit, uci.score
-    monkeypatch.setattr(
-        uci,
-        "_fit",
-        lambda post, m, x, y, c, e, seed, val=None: (
-            fits.append((c, e, seed)) or fit(post, m, x, y, c, e, seed, val)
-        ),
-    )
-    monkeypatch.setattr(uci, "score", lambda pred, *a: preds.append(pred) or score(pred, *a))
+    fits, preds = _record_fits_and_scores(monkeypatch)
     _, selection = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=3)
     assert selection["candidate"] == 0 and selection["mixed"] is prefer_mix
     assert len(moved[0]) == (4 if prefer_mix else 2)
@@ -571,22 +577,13 @@ def test_greedy_mix_refits_every_added_candidate(tmp_path, monkeypatch):
             [k, *(j for j in range(len(g)) if j != k)] if greedy else [k]
         ),
     )
-    fits, preds = [], []
-    fit, score = uci._fit, uci.score
-    monkeypatch.setattr(
-        uci,
-        "_fit",
-        lambda post, m, x, y, c, e, seed, val=None: (
-            fits.append((c, seed)) or fit(post, m, x, y, c, e, seed, val)
-        ),
-    )
-    monkeypatch.setattr(uci, "score", lambda pred, *a: preds.append(pred) or score(pred, *a))
+    fits, preds = _record_fits_and_scores(monkeypatch)
     _, selection = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=3, greedy_mix=True)
     k = selection["candidate"]
     order = [k, *(j for j in range(3) if j != k)]
     assert selection["mixture"] == order and selection["mixed"] is True
     refits = [uci._refit_candidate("deep_ensemble", grid[j]) for j in order]
-    assert fits == list(zip(refits, [0, 1, 2], strict=True))
+    assert [(c, seed) for c, _, seed in fits] == list(zip(refits, [0, 1, 2], strict=True))
     refit = uci.REFIT_BUILD["deep_ensemble"]["n_members"]
     assert preds[-1].n_samples == 3 * (refit + 2)
     preds.clear()
