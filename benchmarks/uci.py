@@ -372,12 +372,17 @@ def run_method(
             _POINT_FITS[key] = copy.deepcopy(post.model.state_dict())
     x_test = scaler.transform_x(split.x_test)
     outputs = post.sample_outputs(x_test, generator=_predict_generator())
-    if method in JOIN_GRID_MEMBERS and kept:
+    joined = method in JOIN_GRID_MEMBERS and bool(kept)
+    if joined:
         per, grid_post = kept["per"], kept["post"]
 
+        def members_of(candidates: list[int]) -> list[int]:  # their members in the grid fit
+            return [m for c in candidates for m in range(c * per, (c + 1) * per)]
+
         def mixture_ll(candidates: list[int]) -> float:  # of their grid members on validation
-            both = [m for c in candidates for m in range(c * per, (c + 1) * per)]
-            predictive = grid_post.likelihood.predictive(kept["val_outputs"][both])
+            predictive = grid_post.likelihood.predictive(
+                kept["val_outputs"][members_of(candidates)]
+            )
             return score(predictive, y_val, inner).ll
 
         mixture = _mixture(grid, k, best.val_ll_unscaled, mixture_ll, greedy_mix)
@@ -388,8 +393,8 @@ def run_method(
             _fit(other, method, x, y, other_candidate, other_epochs, seed + 1 + i)
             extra = other.sample_outputs(x_test, generator=_predict_generator())
             outputs = torch.cat([outputs, extra.to(outputs)])
-        members = [m for c in mixture for m in range(c * per, (c + 1) * per)]
-        grid_outputs = grid_post.sample_outputs(inner.transform_x(split.x_test))[members]
+        grid_outputs = grid_post.sample_outputs(inner.transform_x(split.x_test))
+        grid_outputs = grid_outputs[members_of(mixture)]
         grid_outputs = _restandardise(grid_outputs, inner, scaler)
         outputs = torch.cat([outputs, grid_outputs.to(outputs)])
     unscaled = score(post.likelihood.predictive(outputs), split.y_test, scaler)
@@ -405,7 +410,7 @@ def run_method(
         "ll_unscaled": unscaled.ll,
         "mixed": len(mixture) > 1,
     }
-    if method in JOIN_GRID_MEMBERS and kept:
+    if joined:
         selection["mixture"] = mixture
     return scores, selection
 
