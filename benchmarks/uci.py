@@ -86,7 +86,7 @@ GRIDS: dict[str, tuple[dict, ...]] = {
     "deterministic": DEFAULT_GRID,
     # Five candidates of five members (25 members in one stacked program): the NLL, beta-NLL
     # (beta = 1), members trained with dropout 0.1 or 0.2 (predictions without it), and beta-NLL
-    # with dropout 0.2 (also the MIX_CANDIDATE), all at lambda = 0.3; a grid within the
+    # with dropout 0.2, all at lambda = 0.3; a grid within the
     # 60-minute budget. Averaging members regularises on its own: the strongest prior (30) won
     # validation on 7 of 140 splits when it was a candidate, and lambda = 3 (a candidate until
     # stop 12) won mostly on the large sets, where lambda / n differs from 0.3's by under 0.001
@@ -132,33 +132,22 @@ _POINT_FITS: dict[str, object] = {}
 #: log-likelihood by -0.002 to +0.006 on Boston, concrete and wine (20 splits each); the factors
 #: fitted on 91 validation rows of Boston ranged from 0.73 to 1.49 and helped and hurt alike.
 VARIANCE_SCALING = False
-#: Deep ensembles keep the chosen candidate's members of the grid fit (trained on the first 80%
-#: of the training split, early-stopped on the last 20%) beside the members refitted on all of
-#: it (:data:`REFIT_BUILD`): more members for no extra training (their outputs are mapped from
-#: the grid's standardisation to the refit's). Every member is trained on training rows only;
-#: the mixture weights all members equally.
+#: Deep ensembles' predictive mixes candidates of the grid, chosen by greedy ensemble selection
+#: on the validation log-likelihood (without replacement; Caruana et al. 2004, as in the
+#: hyper-parameter ensembles of Wenzel et al. 2020): start from the winner's grid members and
+#: add the candidate whose members raise the validation log-likelihood of the equal-weight
+#: mixture most, until none does (:func:`_mixture`). Every chosen candidate is refitted on the
+#: whole training split, all of them in one stacked program (:func:`_refit_mixture`: each its
+#: own decay, beta, dropout rate and best grid epoch), and the chosen candidates' grid members
+#: (trained on the first 80% of the split, early-stopped on the last 20%) join the refits: more
+#: members for no extra training (their outputs are mapped from the grid's standardisation to
+#: the refit's). Every member is trained on training rows only; all weigh equally. Until
+#: stop 13 one fixed partner (beta-NLL with dropout 0.2) could join the winner, each refit its
+#: own program; see the README for both.
 JOIN_GRID_MEMBERS = frozenset({"deep_ensemble"})
-#: Deep ensembles may also mix in the grid members of this candidate (beta-NLL with dropout: means
-#: trained as by the squared error) when the chosen candidate is another one: the mixture of both
-#: candidates' grid members is compared with the chosen candidate's alone on the validation
-#: log-likelihood, and the better one's members (plus the refits, see :data:`MIX_REFIT`) form
-#: the predictive.
-MIX_CANDIDATE = {"precision": 0.3, "beta": 1.0, "dropout": 0.2}
-#: When the partner is mixed in, it is refitted on the whole split as well (its own best epoch,
-#: other initialisations), so both candidates weigh alike in the predictive, as they did in the
-#: validation mixture that chose them.
-MIX_REFIT = True
-#: Deep ensembles may instead mix candidates chosen greedily on the validation log-likelihood
-#: (ensemble selection without replacement, Caruana et al. 2004, as in the hyper-parameter
-#: ensembles of Wenzel et al. 2020): start from the winner's grid members and add the candidate
-#: whose members raise the validation log-likelihood of the equal-weight mixture most, until
-#: none does; every added candidate is refitted as the partner is (:data:`MIX_REFIT`). Replaces
-#: :data:`MIX_CANDIDATE`. Off by default (``--greedy-mix`` turns it on): measured at stop 13 but
-#: not yet in the table (see the README).
-GREEDY_MIX = False
 #: Build options of the refit that override the candidate's: deep ensembles refit twice the
-#: grid's members. The grid needs enough members to rank its candidates; the predictive gains
-#: from more (the grid fit trains five candidates, the refit one or two, so this costs little).
+#: grid's members per chosen candidate. The grid needs enough members to rank its candidates;
+#: the predictive gains from more.
 REFIT_BUILD: dict[str, dict] = {"deep_ensemble": {"n_members": 10}}
 
 
@@ -292,7 +281,6 @@ def run_method(
     epochs_scale: float = 1.0,
     seed: int = SEED,
     variance_scaling: bool | None = None,
-    greedy_mix: bool | None = None,
 ) -> tuple[Scores, dict]:
     """Grid on the last 20% of the training split, refit on all of it, test scores.
 
@@ -300,13 +288,10 @@ def run_method(
     validation log-likelihood (scaled and unscaled), its variance factor (1 without
     :data:`VARIANCE_SCALING`), the refit's epochs, the test log-likelihood before scaling and,
     for :data:`JOIN_GRID_MEMBERS`, the candidates in the predictive (``"mixture"``, the winner
-    first). ``variance_scaling`` and ``greedy_mix`` ``None`` mean :data:`VARIANCE_SCALING` and
-    :data:`GREEDY_MIX`.
+    first). ``variance_scaling`` ``None`` means :data:`VARIANCE_SCALING`.
     """
     if variance_scaling is None:
         variance_scaling = VARIANCE_SCALING
-    if greedy_mix is None:
-        greedy_mix = GREEDY_MIX
     grid = GRIDS.get(method, DEFAULT_GRID)
     n = len(split.x_train)
     n_val = max(1, round(VAL_FRACTION * n))
@@ -357,23 +342,9 @@ def run_method(
     refit_epochs = epochs if method in TRAJECTORY_METHODS else max(1, best_epoch)
     scaler = split.standardizer()
     x, y = scaler.transform_x(split.x_train), scaler.transform_y(split.y_train)
-    post = build(method, refit_candidate, split.x_train.shape[1], n_hidden, seed)
-    key = None
-    if method in SHARED_POINT_FIT:  # the same network for every such method: train it once
-        settings = (sorted(candidate.items()), n_hidden, seed, refit_epochs, BATCH_SIZE, LR)
-        key = "refit" + repr(settings) + _digest(x, y)
-    if key in _POINT_FITS:
-        post.model.load_state_dict(_POINT_FITS[key])
-        if method == "laplace":  # the curvature at the shared MAP network, as Laplace.fit does
-            post.fit((x, y))
-    else:
-        _fit(post, method, x, y, refit_candidate, refit_epochs, seed)
-        if key is not None:
-            _POINT_FITS[key] = copy.deepcopy(post.model.state_dict())
     x_test = scaler.transform_x(split.x_test)
-    outputs = post.sample_outputs(x_test, generator=_predict_generator())
     joined = method in JOIN_GRID_MEMBERS and bool(kept)
-    if joined:
+    if joined:  # greedy selection on the grid's validation outputs, then one stacked refit
         per, grid_post = kept["per"], kept["post"]
 
         def members_of(candidates: list[int]) -> list[int]:  # their members in the grid fit
@@ -385,18 +356,35 @@ def run_method(
             )
             return score(predictive, y_val, inner).ll
 
-        mixture = _mixture(grid, k, best.val_ll_unscaled, mixture_ll, greedy_mix)
-        for i, other_k in enumerate(mixture[1:] if MIX_REFIT else []):  # refitted too: they
-            other_candidate = _refit_candidate(method, grid[other_k])  # weigh as in validation
-            other = build(method, other_candidate, split.x_train.shape[1], n_hidden, seed + 1 + i)
-            other_epochs = max(1, outcomes[other_k].best_epoch)
-            _fit(other, method, x, y, other_candidate, other_epochs, seed + 1 + i)
-            extra = other.sample_outputs(x_test, generator=_predict_generator())
-            outputs = torch.cat([outputs, extra.to(outputs)])
+        mixture = _mixture(len(grid), k, best.val_ll_unscaled, mixture_ll)
+        post = _refit_mixture(
+            method,
+            [grid[c] for c in mixture],
+            [outcomes[c].best_epoch for c in mixture],
+            n_hidden,
+            seed,
+            (x, y),
+        )
+        outputs = post.sample_outputs(x_test, generator=_predict_generator())
         grid_outputs = grid_post.sample_outputs(inner.transform_x(split.x_test))
         grid_outputs = grid_outputs[members_of(mixture)]
         grid_outputs = _restandardise(grid_outputs, inner, scaler)
         outputs = torch.cat([outputs, grid_outputs.to(outputs)])
+    else:
+        post = build(method, refit_candidate, split.x_train.shape[1], n_hidden, seed)
+        key = None
+        if method in SHARED_POINT_FIT:  # the same network for every such method: train it once
+            settings = (sorted(candidate.items()), n_hidden, seed, refit_epochs, BATCH_SIZE, LR)
+            key = "refit" + repr(settings) + _digest(x, y)
+        if key in _POINT_FITS:
+            post.model.load_state_dict(_POINT_FITS[key])
+            if method == "laplace":  # the curvature at the shared MAP network, as Laplace.fit
+                post.fit((x, y))
+        else:
+            _fit(post, method, x, y, refit_candidate, refit_epochs, seed)
+            if key is not None:
+                _POINT_FITS[key] = copy.deepcopy(post.model.state_dict())
+        outputs = post.sample_outputs(x_test, generator=_predict_generator())
     unscaled = score(post.likelihood.predictive(outputs), split.y_test, scaler)
     if best.scale != 1.0:
         outputs = _rescaled(outputs, best.scale, post.likelihood)
@@ -422,36 +410,22 @@ def _refit_candidate(method: str, candidate: dict) -> dict:
     return {**candidate, "build": {**candidate.get("build", {}), **REFIT_BUILD[method]}}
 
 
-def _mixture(grid: Sequence[dict], k: int, alone: float, mixture_ll, greedy: bool) -> list[int]:
-    """The candidates whose members form deep ensembles' predictive, the winner ``k`` first.
+def _mixture(n_candidates: int, k: int, alone: float, mixture_ll) -> list[int]:
+    """The candidates whose members form deep ensembles' predictive, the winner ``k`` first:
+    greedy ensemble selection without replacement (:data:`JOIN_GRID_MEMBERS`).
 
     ``alone`` is the validation log-likelihood of ``k``'s members, ``mixture_ll(candidates)``
-    that of the equal-weight mixture of the candidates' members. Without ``greedy``, ``k`` and
-    :data:`MIX_CANDIDATE` if their mixture is better than ``alone``; with it, the candidate that
-    raises the mixture's log-likelihood most is added until none does (:data:`GREEDY_MIX`).
+    that of the equal-weight mixture of the candidates' members. The candidate that raises the
+    mixture's log-likelihood most is added until none raises it (a NaN never does).
     """
-    chosen = [k]
-    if not greedy:
-        partner = _mix_partner(grid, k)
-        if partner is not None and mixture_ll([k, partner]) > alone:
-            chosen.append(partner)
-        return chosen
-    current = alone
+    chosen, current = [k], alone
     while True:
-        gains = {j: mixture_ll([*chosen, j]) for j in range(len(grid)) if j not in chosen}
+        gains = {j: mixture_ll([*chosen, j]) for j in range(n_candidates) if j not in chosen}
         best = max(gains, key=gains.__getitem__, default=None)
         if best is None or not gains[best] > current:
             return chosen
         chosen.append(best)
         current = gains[best]
-
-
-def _mix_partner(grid: Sequence[dict], k: int) -> int | None:
-    """Index of :data:`MIX_CANDIDATE` in ``grid`` if it is not ``k`` (else ``None``)."""
-    for j, candidate in enumerate(grid):
-        if j != k and all(candidate.get(n, 0.0) == v for n, v in MIX_CANDIDATE.items()):
-            return j
-    return None
 
 
 class _MemberBetaGaussian(bdl.Gaussian):
@@ -524,11 +498,7 @@ def _stacked_grid(
     yv = inner.transform_y(y_val)
     options = dict(grid[0].get("build", {}))
     per = options.pop("n_members", 1)
-    member = {  # one value per member, candidate after candidate
-        "decay": [c["precision"] / len(xi) for c in grid for _ in range(per)],
-        "beta": [c.get("beta", 0.0) for c in grid for _ in range(per)],
-        "dropout": [c.get("dropout", 0.0) for c in grid for _ in range(per)],
-    }
+    member = _member_settings(grid, per, len(xi))
     key = None
     if method in SHARED_POINT_FIT:  # the same networks for every such method: train them once
         settings = (member, n_hidden, seed, epochs, BATCH_SIZE, LR)
@@ -576,6 +546,48 @@ def _stacked_grid(
     return outcomes
 
 
+def _member_settings(candidates: Sequence[dict], per: int, n_rows: int) -> dict[str, list]:
+    """One weight decay (``precision / n_rows``), beta and dropout rate per stacked member:
+    ``per`` members for each of ``candidates``, candidate after candidate."""
+    return {
+        "decay": [c["precision"] / n_rows for c in candidates for _ in range(per)],
+        "beta": [c.get("beta", 0.0) for c in candidates for _ in range(per)],
+        "dropout": [c.get("dropout", 0.0) for c in candidates for _ in range(per)],
+    }
+
+
+def _refit_mixture(
+    method: str,
+    candidates: Sequence[dict],
+    epochs: Sequence[int],
+    n_hidden: int,
+    seed: int,
+    train: tuple[Tensor, Tensor],
+):
+    """Refit the mixture's ``candidates`` on the whole split (standardised ``train``) as one
+    stacked program: each gets :data:`REFIT_BUILD`'s members with its own weight decay, beta
+    and dropout rate, kept at its own epoch count ``epochs[i]`` (its best validation epoch in
+    the grid; ``TrainConfig.member_epochs``). Member ``m`` of candidate ``i`` is the network a
+    refit of that candidate alone would give, up to the initialisation and data order."""
+    refits = [_refit_candidate(method, c) for c in candidates]
+    options = dict(refits[0].get("build", {}))
+    per = options.pop("n_members", 1)
+    member = _member_settings(refits, per, len(train[0]))
+    member_epochs = [max(1, e) for e in epochs for _ in range(per)]
+    post, _ = _train_stack(
+        method,
+        options,
+        len(refits),
+        member,
+        n_hidden,
+        seed,
+        max(member_epochs),
+        train,
+        member_epochs=member_epochs,
+    )
+    return post
+
+
 def _restandardise(outputs: Tensor, old: Standardizer, new: Standardizer) -> Tensor:
     """Gaussian outputs ``[mu, log_var]`` ``(S, B, 2)`` of targets standardised by ``old`` as
     outputs for targets standardised by ``new`` (the same distributions on the original scale)."""
@@ -602,11 +614,13 @@ def _train_stack(
     seed: int,
     epochs: int,
     train: tuple[Tensor, Tensor],
-    val: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor] | None = None,
+    member_epochs: Sequence[int] | None = None,
 ):
-    """The stacked fit of :func:`_stacked_grid` (standardised ``train`` and ``val``): the
-    posterior and each member's best validation epoch."""
-    (xi, yi), (xv, yv) = train, val
+    """The stacked fit of :func:`_stacked_grid` and :func:`_refit_mixture` (standardised
+    ``train`` and ``val``, one decay, beta and rate per member in ``member``): the posterior and
+    each member's best validation epoch (its epoch count without ``val``)."""
+    xi, yi = train
     torch.manual_seed(seed)
     rates = member["dropout"]
     net = mlp(xi.shape[1], n_hidden, rates if any(rates) else 0.0)
@@ -628,16 +642,17 @@ def _train_stack(
         )
     history = post.fit(
         (xi, yi),
-        val_data=(xv, yv),
+        val_data=val,
         epochs=epochs,
         batch_size=BATCH_SIZE,
         lr=LR,
         seed=seed,
         weight_decay=member["decay"],
-        patience=patience_for(method, epochs),
+        patience=None if val is None else patience_for(method, epochs),
+        member_epochs=member_epochs,
         progress=False,
     )
-    return post, history.member_best_epochs or [epochs] * len(betas)
+    return post, history.member_best_epochs or list(member_epochs or [epochs] * len(betas))
 
 
 @dataclass
@@ -673,7 +688,6 @@ def run_dataset(
     log,
     seed: int = SEED,
     variance_scaling: bool | None = None,
-    greedy_mix: bool | None = None,
 ) -> dict:
     """One method on the first ``n_splits`` splits of ``ds``: the summary of :class:`Result`."""
     result = Result()
@@ -687,7 +701,6 @@ def run_dataset(
             epochs_scale,
             seed=seed,
             variance_scaling=variance_scaling,
-            greedy_mix=greedy_mix,
         )
         seconds = time.perf_counter() - start
         result.seconds += seconds
@@ -820,11 +833,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         action="store_true",
         help="fit a noise-variance factor per candidate on validation (see VARIANCE_SCALING)",
     )
-    parser.add_argument(
-        "--greedy-mix",
-        action="store_true",
-        help="deep ensembles mix candidates chosen greedily on validation (see GREEDY_MIX)",
-    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
@@ -835,7 +843,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     variance_scaling = VARIANCE_SCALING or args.variance_scaling
-    greedy_mix = GREEDY_MIX or args.greedy_mix
     if args.merge:
         results: dict = {"datasets": {}}
         for path in args.merge:
@@ -880,9 +887,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "min_patience": MIN_PATIENCE,
                 "stacked_grid": sorted(STACKED_GRID),
                 "join_grid_members": sorted(JOIN_GRID_MEMBERS),
-                "mix_candidate": MIX_CANDIDATE,
-                "mix_refit": MIX_REFIT,
-                "greedy_mix": greedy_mix,
+                "mixture": "greedy, stacked refit",
                 "refit_build": REFIT_BUILD,
                 "variance_scaling": variance_scaling,
                 "splits": args.splits,
@@ -902,7 +907,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     log,
                     args.seed,
                     variance_scaling,
-                    greedy_mix,
                 )
                 results["datasets"].setdefault(name, {})[method] = summary
                 _write(results, args)  # after every method: a long run keeps what it finished

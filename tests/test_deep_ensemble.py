@@ -168,6 +168,41 @@ def test_per_member_weight_decay_errors():
         bdl.Deterministic(net, "gaussian").fit((x, y), epochs=1, weight_decay=[0.1])
 
 
+def test_member_epochs_keep_each_member_at_its_own_epoch_count():
+    """Member m of an ensemble fitted with member_epochs=(a, b) is the one-member ensemble
+    (same initialisation, same data order) fitted for a or b epochs: refits of candidates with
+    different best epochs train as one program. With validation data a member's best epoch is
+    at most its count."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 3, generator=g, dtype=torch.float64)
+    y = x[:, 0] - x[:, 1] ** 2 + 0.1 * torch.randn(48, generator=g, dtype=torch.float64)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    counts = (4, 11, 7)
+    options = dict(batch_size=16, lr=0.05, seed=0)
+    joint = bdl.DeepEnsemble(net, "gaussian", n_members=3, seed=7, independent_data_order=False)
+    joint.fit((x, y), epochs=11, member_epochs=counts, **options)
+    together = joint.sample_outputs(x)
+    for m, count in enumerate(counts):
+        alone = bdl.DeepEnsemble(net, "gaussian", n_members=1, seed=7 + m)
+        alone.fit((x, y), epochs=count, **options)
+        torch.testing.assert_close(together[m], alone.sample_outputs(x)[0])
+    assert not torch.allclose(together[0], together[2])
+
+    val = (x[:16] + 0.1, y[:16])
+    joint = bdl.DeepEnsemble(net, "gaussian", n_members=3, seed=7, independent_data_order=False)
+    history = joint.fit((x, y), val_data=val, epochs=11, member_epochs=counts, **options)
+    assert all(1 <= b <= c for b, c in zip(history.member_best_epochs, counts, strict=True))
+
+
+def test_member_epochs_errors():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(10, 3), torch.randn(10)
+    with pytest.raises(ValueError, match="member_epochs got 3 values, but there are 2 members"):
+        bdl.DeepEnsemble(net, "gaussian", n_members=2).fit((x, y), epochs=3, member_epochs=[1] * 3)
+    with pytest.raises(ValueError, match="no stacked members; pass epochs alone"):
+        bdl.Deterministic(net, "gaussian").fit((x, y), epochs=2, member_epochs=[1])
+
+
 def test_member_gives_plain_modules_with_that_members_weights():
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
     ens = bdl.DeepEnsemble(net, "homoscedastic_gaussian", n_members=3, seed=0)

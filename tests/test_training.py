@@ -190,6 +190,11 @@ def test_seed_fixes_the_data_order():
         ({"weight_decay": []}, "weight_decay"),
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"patience": 0}, "patience"),
+        ({"member_epochs": []}, "member_epochs must be None or a non-empty sequence"),
+        ({"epochs": 5, "member_epochs": [2, 6]}, "integers from 1 to epochs=5"),
+        ({"member_epochs": [0]}, "member_epochs"),
+        ({"member_epochs": 3}, "member_epochs"),
+        ({"member_epochs": [True]}, "member_epochs"),
         ({"optimizer": "adamm"}, "unknown optimizer 'adamm'; choose one of 'adam'"),
     ],
 )

@@ -451,9 +451,7 @@ def test_seed_flag_changes_the_fits_and_is_recorded(tmp_path):
     assert first["protocol"]["seed"] == 0 and other["protocol"]["seed"] == 1
     # the deep-ensemble predictive's settings are recorded with the run
     assert first["protocol"]["refit_build"] == uci.REFIT_BUILD
-    assert first["protocol"]["mix_candidate"] == uci.MIX_CANDIDATE
-    assert first["protocol"]["mix_refit"] is uci.MIX_REFIT
-    assert first["protocol"]["greedy_mix"] is uci.GREEDY_MIX
+    assert first["protocol"]["mixture"] == "greedy, stacked refit"
     assert first["protocol"]["join_grid_members"] == ["deep_ensemble"]
 
     def ll(results):
@@ -463,40 +461,35 @@ def test_seed_flag_changes_the_fits_and_is_recorded(tmp_path):
     assert ll(other) != ll(first)
 
 
-def test_mix_partner_is_the_beta_dropout_candidate_unless_chosen():
-    grid = uci.GRIDS["deep_ensemble"]
-    partner = next(j for j, c in enumerate(grid) if c.get("beta") == 1.0 and c.get("dropout"))
-    assert uci._mix_partner(grid, 0) == partner
-    assert uci._mix_partner(grid, partner) is None
-    assert uci._mix_partner(({"precision": 0.3}, {"precision": 3.0}), 0) is None
+def _record_stacks_and_scores(monkeypatch):
+    """Record ``run_method``'s stacked fits (their keyword view) and scored predictives."""
+    stacks, preds = [], []
+    train_stack, score = uci._train_stack, uci.score
 
+    def recorded(method, options, n_candidates, member, n_hidden, seed, epochs, train, *rest, **kw):
+        stacks.append({"n": n_candidates, "member": member, "seed": seed, "epochs": epochs, **kw})
+        return train_stack(
+            method, options, n_candidates, member, n_hidden, seed, epochs, train, *rest, **kw
+        )
 
-def _record_fits_and_scores(monkeypatch):
-    """Record ``run_method``'s fits ``(candidate, epochs, seed)`` and scored predictives."""
-    fits, preds = [], []
-    fit, score = uci._fit, uci.score
-    monkeypatch.setattr(
-        uci,
-        "_fit",
-        lambda post, m, x, y, c, e, seed, val=None: (
-            fits.append((c, e, seed)) or fit(post, m, x, y, c, e, seed, val)
-        ),
-    )
+    monkeypatch.setattr(uci, "_train_stack", recorded)
     monkeypatch.setattr(uci, "score", lambda pred, *a: preds.append(pred) or score(pred, *a))
-    return fits, preds
+    return stacks, preds
 
 
 @pytest.mark.parametrize("prefer_mix", [True, False])
-def test_deep_ensemble_mixes_in_the_partner_when_validation_prefers_it(
+def test_deep_ensemble_mixes_candidates_when_validation_prefers_it(
     tmp_path, monkeypatch, prefer_mix
 ):
-    """The partner's grid members join the predictive exactly when the validation
-    log-likelihood of the mixture beats the chosen candidate's alone."""
+    """The other candidates' grid members join the predictive exactly when the validation
+    log-likelihood of the mixture beats the chosen candidate's alone, and every candidate in
+    the mixture is refitted in one stacked program: its own decay, beta and dropout rate, kept
+    at its own best grid epoch."""
     write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
     split = bdl.data.load_uci(tmp_path / "toy").split(0)
     grid = (
         {"precision": 0.3, "build": {"n_members": 2}},
-        {**uci.MIX_CANDIDATE, "build": {"n_members": 2}},
+        {"precision": 3.0, "beta": 1.0, "dropout": 0.2, "build": {"n_members": 2}},
     )
     monkeypatch.setitem(uci.GRIDS, "deep_ensemble", grid)
     # candidate 0 is the choice; its members' own validation log-likelihood (the one the
@@ -518,28 +511,33 @@ def test_deep_ensemble_mixes_in_the_partner_when_validation_prefers_it(
     monkeypatch.setattr(
         uci, "_restandardise", lambda *a: moved.append(restandardise(*a)) or moved[-1]
     )
-    fits, preds = _record_fits_and_scores(monkeypatch)
+    stacks, preds = _record_stacks_and_scores(monkeypatch)
     _, selection = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=3)
     assert selection["candidate"] == 0 and selection["mixed"] is prefer_mix
+    assert selection["mixture"] == ([0, 1] if prefer_mix else [0])
     assert len(moved[0]) == (4 if prefer_mix else 2)
-    # when mixed the partner is refitted too (its own best epoch, other initialisations): two
-    # refits and two grid groups of two members each weigh alike in the test predictive
-    refits = [uci._refit_candidate("deep_ensemble", c) for c in grid]
-    assert [(c, seed) for c, _, seed in fits] == [(refits[0], 0), (refits[1], 1)][: 1 + prefer_mix]
-    refit = uci.REFIT_BUILD["deep_ensemble"]["n_members"]
-    assert preds[-1].n_samples == (2 * refit + 4 if prefer_mix else refit + 2)
-    assert fits[0][1] == selection["epochs"] == max(1, trained[0].best_epoch)
-    if prefer_mix:
-        assert fits[1][1] == max(1, trained[1].best_epoch)
+    grid_fit, refit = stacks  # the grid, then one refit of the whole mixture
+    assert grid_fit["n"] == 2 and "member_epochs" not in grid_fit
+    n = uci.REFIT_BUILD["deep_ensemble"]["n_members"]
+    chosen = grid[: 1 + prefer_mix]
+    n_rows = len(split.x_train)
+    assert refit["n"] == len(chosen) and refit["seed"] == 0
+    assert refit["member"] == {
+        "decay": [c["precision"] / n_rows for c in chosen for _ in range(n)],
+        "beta": [c.get("beta", 0.0) for c in chosen for _ in range(n)],
+        "dropout": [c.get("dropout", 0.0) for c in chosen for _ in range(n)],
+    }
+    best = [max(1, o.best_epoch) for o in trained[: len(chosen)]]
+    assert refit["member_epochs"] == [e for e in best for _ in range(n)]
+    assert refit["epochs"] == max(best) and selection["epochs"] == best[0]
+    # the refits and the chosen candidates' grid members weigh alike in the test predictive
+    assert preds[-1].n_samples == len(chosen) * (n + 2)
 
 
 def test_mixture_adds_the_best_candidate_while_validation_improves():
     """Greedy ensemble selection: from the winner, add the candidate whose mixture has the best
-    validation log-likelihood while that beats the current mixture's; without ``greedy`` only
-    the partner (MIX_CANDIDATE) may join, and only when the mixture beats the winner alone."""
-    grid = uci.GRIDS["deep_ensemble"]
-    partner = uci._mix_partner(grid, 0)
-    gain = {1: 0.3, 2: 0.5, 3: -0.2, partner: 0.1}  # each candidate's fixed effect
+    validation log-likelihood while that beats the current mixture's."""
+    gain = {1: 0.3, 2: 0.5, 3: -0.2, 4: 0.1}  # each candidate's fixed effect
     calls = []
 
     def mixture_ll(candidates):
@@ -551,45 +549,41 @@ def test_mixture_adds_the_best_candidate_while_validation_improves():
             - 0.25 * max(0, len(candidates) - 2)
         )
 
-    assert uci._mixture(grid, 0, -1.0, mixture_ll, greedy=True) == [0, 2, 1]
+    assert uci._mixture(5, 0, -1.0, mixture_ll) == [0, 2, 1]
     # the first round tries every other candidate, the last finds no gain and stops
-    assert calls[: len(grid) - 1] == [[0, j] for j in range(1, len(grid))]
+    assert calls[:4] == [[0, j] for j in range(1, 5)]
     assert calls[-1][:3] == [0, 2, 1] and len(calls[-1]) == 4
-    assert uci._mixture(grid, 0, 0.0, mixture_ll, greedy=True) == [0]  # nothing beats alone
-    assert uci._mixture(grid, 0, -1.0, mixture_ll, greedy=False) == [0, partner]
-    assert uci._mixture(grid, 0, -0.85, mixture_ll, greedy=False) == [0]
-    assert uci._mixture(grid, partner, -2.0, mixture_ll, greedy=False) == [partner]
-    nan = uci._mixture(grid, 0, -1.0, lambda c: math.nan, greedy=True)
+    assert uci._mixture(5, 0, 0.0, mixture_ll) == [0]  # nothing beats alone
+    assert uci._mixture(1, 0, -1.0, mixture_ll) == [0]  # nothing to add
+    nan = uci._mixture(5, 0, -1.0, lambda c: math.nan)
     assert nan == [0]  # a mixture whose log-likelihood is NaN never joins
 
 
-def test_greedy_mix_refits_every_added_candidate(tmp_path, monkeypatch):
-    """With ``greedy_mix`` each added candidate is refitted (seeds 1, 2, ...) and its grid
-    members join: the predictive holds (refit + grid) members per candidate in the mixture."""
-    write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
-    split = bdl.data.load_uci(tmp_path / "toy").split(0)
-    grid = tuple({"precision": lam, "build": {"n_members": 2}} for lam in (0.3, 3.0, 30.0))
-    monkeypatch.setitem(uci.GRIDS, "deep_ensemble", grid)
-    monkeypatch.setattr(
-        uci,
-        "_mixture",
-        lambda g, k, alone, ll, greedy: (
-            [k, *(j for j in range(len(g)) if j != k)] if greedy else [k]
-        ),
+def test_refit_stack_keeps_each_member_at_its_own_epoch_count():
+    """A stacked refit with ``member_epochs`` (3, 5) holds, per member, the network of the same
+    stack trained for that member's count alone: each candidate's refit stops at its own best
+    grid epoch while all of them run as one program (decay, beta and dropout per member)."""
+    torch.manual_seed(0)
+    x = torch.randn(50, 3)
+    y = x[:, :1] - x[:, 1:2] ** 2
+    candidates = (
+        {"precision": 0.3, "beta": 1.0, "dropout": 0.2},
+        {"precision": 3.0, "beta": 0.0, "dropout": 0.0},
     )
-    fits, preds = _record_fits_and_scores(monkeypatch)
-    _, selection = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=3, greedy_mix=True)
-    k = selection["candidate"]
-    order = [k, *(j for j in range(3) if j != k)]
-    assert selection["mixture"] == order and selection["mixed"] is True
-    refits = [uci._refit_candidate("deep_ensemble", grid[j]) for j in order]
-    assert [(c, seed) for c, _, seed in fits] == list(zip(refits, [0, 1, 2], strict=True))
-    refit = uci.REFIT_BUILD["deep_ensemble"]["n_members"]
-    assert preds[-1].n_samples == 3 * (refit + 2)
-    preds.clear()
-    _, alone = uci.run_method("deep_ensemble", split, n_hidden=8, n_epochs=3, greedy_mix=False)
-    assert alone["mixture"] == [alone["candidate"]] and alone["mixed"] is False
-    assert preds[-1].n_samples == refit + 2
+    member = uci._member_settings(candidates, 1, len(x))
+    assert member == {"decay": [0.3 / 50, 3.0 / 50], "beta": [1.0, 0.0], "dropout": [0.2, 0.0]}
+
+    def stack(epochs, member_epochs=None):
+        post, best = uci._train_stack(
+            "deep_ensemble", {}, 2, member, 8, 0, epochs, (x, y), member_epochs=member_epochs
+        )
+        return post.sample_outputs(x), best
+
+    together, counts = stack(5, [3, 5])
+    assert counts == [3, 5]
+    torch.testing.assert_close(together[0], stack(3)[0][0])
+    torch.testing.assert_close(together[1], stack(5)[0][1])
+    assert not torch.allclose(together[0], stack(5)[0][0])
 
 
 def test_refit_candidate_overrides_only_the_listed_build_options(monkeypatch):

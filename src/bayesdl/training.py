@@ -90,6 +90,11 @@ class TrainConfig:
     val_data: an explicit validation pair ``(x, y)`` instead of a split.
     patience: stop after this many epochs without validation improvement (``None``: run all
         epochs, still restoring the best validation epoch when there is validation data).
+    member_epochs: for stacked members, one epoch count per member, each at most ``epochs``:
+        member ``m`` ends the fit with its weights at the end of epoch ``member_epochs[m]``
+        (with validation data, its best epoch up to then), so members refitted for different
+        epoch counts still train as one vectorised program. All members run ``epochs`` steps of
+        the loop; ``None`` (default) gives every member ``epochs``.
     seed: seeds the data order, the split, dropout and initialisation noise during training.
     progress: show a progress bar; ``None`` shows one only when stderr is a terminal.
     """
@@ -103,6 +108,7 @@ class TrainConfig:
     val_fraction: float = 0.0
     val_data: object = None
     patience: int | None = None
+    member_epochs: Sequence[int] | None = None
     seed: int | None = None
     progress: bool | None = None
 
@@ -130,6 +136,24 @@ class TrainConfig:
             raise bad("val_fraction", "a number in [0, 1)")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise bad("patience", "None or a positive integer")
+        if self.member_epochs is not None:
+            counts = self.member_epochs
+            if isinstance(counts, Tensor):
+                counts = counts.tolist()
+            if (
+                not isinstance(counts, Sequence)
+                or isinstance(counts, str)
+                or not counts
+                or not all(
+                    isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= self.epochs
+                    for c in counts
+                )
+            ):
+                raise bad(
+                    "member_epochs",
+                    f"None or a non-empty sequence of integers from 1 to epochs={self.epochs}",
+                )
+            self.member_epochs = tuple(counts)
         self.lr_schedule = resolve(LRSchedule, self.lr_schedule, "lr_schedule")
         self.optimizer = resolve(OptimizerName, self.optimizer, "optimizer")
 
@@ -251,6 +275,29 @@ class _MemberDecay:
             torch._foreach_addcmul_(grads, self.params, self.views)
 
 
+def _member_limits(objective: Objective, state: list[Tensor], config: TrainConfig):
+    """``config.member_epochs`` as a tensor ``(M,)`` checked against the objective's stacked
+    members (``None`` without it)."""
+    if config.member_epochs is None:
+        return None
+    counts = config.member_epochs
+    members = getattr(objective, "n_members", None)
+    if members is None:
+        raise ValueError(
+            f"member_epochs got {len(counts)} values (one per member), but this method has no "
+            "stacked members; pass epochs alone."
+        )
+    if len(counts) != members:
+        raise ValueError(
+            f"member_epochs got {len(counts)} values, but there are {members} members; pass "
+            f"{members} values."
+        )
+    bad = [tuple(t.shape) for t in state if t.ndim == 0 or t.shape[0] != members]
+    if bad:
+        raise ValueError(f"state without a leading member axis of {members}: {bad}")
+    return torch.tensor(counts, device=state[0].device)
+
+
 def _tensor_batches(
     data: TensorData, batch_size: int, n_orders: int, generator: torch.Generator
 ) -> Iterator[tuple[Tensor, Tensor]]:
@@ -369,6 +416,8 @@ def fit(
     member_decay = (
         _MemberDecay(objective, params, config) if isinstance(config.weight_decay, tuple) else None
     )
+    limits = _member_limits(objective, state, config)
+    final = None if limits is None else [t.detach().clone() for t in state]
     history = History()
     # Two snapshots guard against divergence: `verified` holds weights whose loss was seen to be
     # finite, `candidate` the weights at the start of this epoch (verified by its first batch).
@@ -422,6 +471,10 @@ def fit(
             end_epoch = getattr(objective, "end_epoch", None)
             if end_epoch is not None:  # e.g. SWAG collects its moments and sets the SWA rate
                 end_epoch(epoch, optimizer)
+            if final is not None and val is None:  # keep members whose epoch count ends here
+                ending = limits == epoch
+                if bool(ending.any()):
+                    _copy_into(final, state, ending)
 
             if val is not None:
                 objective.train(False)
@@ -435,6 +488,8 @@ def fit(
                     member_best = torch.full(vl.shape, epoch) if vl.ndim else None
                 else:
                     improved = vl < best_loss
+                    if limits is not None:  # no member improves after its own epoch count
+                        improved = improved & (limits >= epoch).to(improved.device)
                     if vl.ndim == 0:
                         if improved:
                             _copy_into(best, state)
@@ -453,6 +508,8 @@ def fit(
                 break
     if bar is not None:
         bar.close()
+    if final is not None and val is None:
+        _copy_into(state, final)
     if best is not None:
         _copy_into(state, best)
         if member_best is not None:
