@@ -20,8 +20,9 @@ The protocol, the same for every data set and method (written up in the README):
   members of one stacked ensemble with one weight decay (likelihood beta, dropout rate) each; the
   candidate with the best validation log-likelihood of the method's own predictive wins, and the
   method is refitted on the whole training split with that candidate for the chosen number of
-  epochs (the full count for SWAG, whose posterior is the trajectory); deep ensembles keep the
-  chosen candidate's grid members beside the refitted ones (:data:`JOIN_GRID_MEMBERS`);
+  epochs (the full count for SWAG, whose posterior is the trajectory); deep ensembles mix the
+  candidates chosen by greedy ensemble selection on validation, refitted in one stacked
+  program, and keep their grid members beside the refitted ones (:data:`JOIN_GRID_MEMBERS`);
   optionally (``--variance-scaling``) each candidate's noise variances get a factor fitted on
   validation (:data:`VARIANCE_SCALING`);
 * test RMSE of the predictive mean and mean per-point test log-likelihood of the predictive
