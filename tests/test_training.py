@@ -93,6 +93,52 @@ def test_nan_mid_epoch_restores_the_start_of_that_epoch():
     torch.testing.assert_close(obj.w.detach(), start_of_epoch_2)
 
 
+class Members(Quadratic):
+    """``k`` stacked members, each its own weight and loss ``(k,)``."""
+
+    def __init__(self, k: int, nan_at: int | None = None) -> None:
+        super().__init__(k, nan_at)
+        self.n_members = k
+
+    def loss(self, x: Tensor, y: Tensor, n_data: int) -> Tensor:
+        self.steps += 1
+        loss = ((self.w[:, None] - y) ** 2).mean(1)
+        return (
+            loss * float("nan") if self.nan_at is not None and self.steps >= self.nan_at else loss
+        )
+
+
+def test_member_epochs_survive_divergence():
+    """Members whose epoch count ended before the last good epoch keep the weights of that
+    count when a later epoch diverges; the others get the last good epoch's."""
+    ends: dict[int, Tensor] = {}
+
+    def run(nan_at=None, epochs=6):
+        obj = Members(2, nan_at)
+        original = obj.loss
+
+        def loss(x, y, n):  # the weights at the start of steps 5, 9, 13: ends of epochs 1-3
+            ends.setdefault(obj.steps, obj.w.detach().clone())
+            return original(x, y, n)
+
+        obj.loss = loss
+        config = TrainConfig(epochs=epochs, batch_size=8, lr=0.1, seed=0, member_epochs=[1, 6])
+        return obj, config
+
+    obj, config = run(nan_at=15)  # third batch of epoch 4: epoch 3 was the last good one
+    with pytest.raises(TrainingDivergedError, match="epoch 4") as err:
+        fit(obj, _data(), config)
+    assert err.value.last_good_epoch == 3
+    assert obj.w[0] == ends[4][0] and obj.w[1] == ends[12][1]
+    assert ends[4][0] != ends[12][0]  # member 0 moved on after its count; its epoch-1 weights stay
+
+    obj, config = run()
+    fit(obj, _data(), config)
+    assert obj.w[0] == ends[4][0] and obj.w[1] != ends[4][1]
+    with pytest.raises(ValueError, match="member_epochs got 2 values, but there are 3 members"):
+        fit(Members(3), _data(), config)
+
+
 def test_nan_at_the_very_start_restores_the_initial_weights():
     obj = Quadratic(nan_at=1)
     with pytest.raises(TrainingDivergedError, match="initial weights"):

@@ -92,9 +92,10 @@ class TrainConfig:
         epochs, still restoring the best validation epoch when there is validation data).
     member_epochs: for stacked members, one epoch count per member, each at most ``epochs``:
         member ``m`` ends the fit with its weights at the end of epoch ``member_epochs[m]``
-        (with validation data, its best epoch up to then), so members refitted for different
-        epoch counts still train as one vectorised program. All members run ``epochs`` steps of
-        the loop; ``None`` (default) gives every member ``epochs``.
+        (with validation data, its best epoch up to then; also when a later epoch diverges),
+        so members refitted for different epoch counts still train as one vectorised program.
+        All members run ``epochs`` epochs of the loop; ``None`` (default) gives every member
+        ``epochs``.
     seed: seeds the data order, the split, dropout and initialisation noise during training.
     progress: show a progress bar; ``None`` shows one only when stderr is a terminal.
     """
@@ -430,6 +431,8 @@ def fit(
 
     def diverged(epoch: int, restore: list[Tensor], good_epoch: int) -> TrainingDivergedError:
         _copy_into(state, restore)
+        if final is not None and val is None:  # members whose count had ended keep its weights
+            _copy_into(state, final, limits <= good_epoch)
         if bar is not None:
             bar.close()
         objective.train(False)
