@@ -97,6 +97,26 @@ def test_per_member_weight_decay_on_cuda():
     assert next(model.parameters()).device.type == "cuda"
 
 
+def test_member_epochs_on_cuda():
+    """Per-member epoch counts on CUDA, with and without validation data: member 0 stops after
+    one epoch, as a one-epoch fit of the same ensemble does."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x, y = torch.randn(64, 4, device=CUDA), torch.randn(64, device=CUDA)
+    options = dict(batch_size=16, seed=0)
+
+    def ensemble():
+        return bdl.DeepEnsemble(copy.deepcopy(net).to(CUDA), "gaussian", n_members=2, seed=0)
+
+    both, one = ensemble(), ensemble()
+    both.fit((x, y), epochs=3, member_epochs=[1, 3], **options)
+    one.fit((x, y), epochs=1, **options)
+    torch.testing.assert_close(both.sample_outputs(x)[0], one.sample_outputs(x)[0])
+    history = ensemble().fit(
+        (x, y), val_data=(x[:16], y[:16]), epochs=3, member_epochs=[1, 3], **options
+    )
+    assert history.member_best_epochs[0] == 1
+
+
 def test_per_member_dropout_rates_on_cuda():
     from bayesdl.posteriors.stacked import _StackedMode
 
