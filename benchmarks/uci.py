@@ -338,7 +338,6 @@ def run_method(
         best = Outcome(float("nan"), 1.0, float("nan"), epochs)
     best_epoch = best.best_epoch
     candidate = grid[k]
-    refit_candidate = _refit_candidate(method, candidate)
     mixture = [k]
     refit_epochs = epochs if method in TRAJECTORY_METHODS else max(1, best_epoch)
     scaler = split.standardizer()
@@ -372,6 +371,7 @@ def run_method(
         grid_outputs = _restandardise(grid_outputs, inner, scaler)
         outputs = torch.cat([outputs, grid_outputs.to(outputs)])
     else:
+        refit_candidate = _refit_candidate(method, candidate)
         post = build(method, refit_candidate, split.x_train.shape[1], n_hidden, seed)
         key = None
         if method in SHARED_POINT_FIT:  # the same network for every such method: train it once
@@ -901,13 +901,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             ds = load_uci(args.data_dir / name)
             for method in methods:
                 summary = run_dataset(
-                    ds,
-                    method,
-                    n_splits,
-                    args.epochs_scale,
-                    log,
-                    args.seed,
-                    variance_scaling,
+                    ds, method, n_splits, args.epochs_scale, log, args.seed, variance_scaling
                 )
                 results["datasets"].setdefault(name, {})[method] = summary
                 _write(results, args)  # after every method: a long run keeps what it finished

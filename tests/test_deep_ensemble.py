@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.func import functional_call
 
 import bayesdl as bdl
@@ -138,24 +138,47 @@ def test_epistemic_uncertainty_shrinks_with_data(seed):
     assert large < 0.3 * small, (small, large)
 
 
+def _regression64(n_rows: int) -> tuple[Tensor, Tensor, nn.Module]:
+    """Inputs ``(n_rows, 3)``, noisy targets ``(n_rows,)`` and a Gaussian MLP, in float64."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_rows, 3, generator=g, dtype=torch.float64)
+    y = x[:, 0] - x[:, 1] ** 2 + 0.1 * torch.randn(n_rows, generator=g, dtype=torch.float64)
+    return x, y, nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+
+
+def _stack_equals_separate_fits(n_rows: int, joint: dict, alone: list[dict], **options):
+    """Fit a float64 ensemble of ``len(alone)`` members (same data order) with the per-member
+    options ``joint``, and check member ``m`` against the one-member ensemble of the same
+    initialisation fitted with ``alone[m]``. Returns the stacked outputs ``(M, n_rows, 2)``."""
+    x, y, net = _regression64(n_rows)
+    stack = bdl.DeepEnsemble(
+        net, "gaussian", n_members=len(alone), seed=7, independent_data_order=False
+    )
+    stack.fit((x, y), **joint, **options)
+    together = stack.sample_outputs(x)
+    for m, own in enumerate(alone):
+        single = bdl.DeepEnsemble(net, "gaussian", n_members=1, seed=7 + m)
+        single.fit((x, y), **own, **options)
+        torch.testing.assert_close(together[m], single.sample_outputs(x)[0])
+    return together
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
 def test_one_weight_decay_per_member_equals_separate_fits(optimizer):
     """Member m of an ensemble trained with weight_decay=(a, b) is the one-member ensemble
     (same initialisation) trained with weight_decay a or b: a grid over the prior precision
     trains as one vectorised ensemble."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
-    y = x[:, 0] - x[:, 1] ** 2 + 0.1 * torch.randn(40, generator=g, dtype=torch.float64)
-    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
     decays = (0.0, 0.3)
-    options = dict(epochs=30, batch_size=40, lr=0.05, optimizer=optimizer, seed=0)
-    joint = bdl.DeepEnsemble(net, "gaussian", n_members=2, seed=7, independent_data_order=False)
-    joint.fit((x, y), weight_decay=decays, **options)
-    both = joint.sample_outputs(x)
-    for m, decay in enumerate(decays):
-        alone = bdl.DeepEnsemble(net, "gaussian", n_members=1, seed=7 + m)
-        alone.fit((x, y), weight_decay=decay, **options)
-        torch.testing.assert_close(both[m], alone.sample_outputs(x)[0])
+    both = _stack_equals_separate_fits(
+        40,
+        {"weight_decay": decays},
+        [{"weight_decay": d} for d in decays],
+        epochs=30,
+        batch_size=40,
+        lr=0.05,
+        optimizer=optimizer,
+        seed=0,
+    )
     assert not torch.allclose(both[0], both[1])
 
 
@@ -173,21 +196,17 @@ def test_member_epochs_keep_each_member_at_its_own_epoch_count():
     (same initialisation, same data order) fitted for a or b epochs: refits of candidates with
     different best epochs train as one program. With validation data a member's best epoch is
     at most its count."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(48, 3, generator=g, dtype=torch.float64)
-    y = x[:, 0] - x[:, 1] ** 2 + 0.1 * torch.randn(48, generator=g, dtype=torch.float64)
-    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
     counts = (4, 11, 7)
     options = dict(batch_size=16, lr=0.05, seed=0)
-    joint = bdl.DeepEnsemble(net, "gaussian", n_members=3, seed=7, independent_data_order=False)
-    joint.fit((x, y), epochs=11, member_epochs=counts, **options)
-    together = joint.sample_outputs(x)
-    for m, count in enumerate(counts):
-        alone = bdl.DeepEnsemble(net, "gaussian", n_members=1, seed=7 + m)
-        alone.fit((x, y), epochs=count, **options)
-        torch.testing.assert_close(together[m], alone.sample_outputs(x)[0])
+    together = _stack_equals_separate_fits(
+        48,
+        {"epochs": 11, "member_epochs": counts},
+        [{"epochs": c} for c in counts],
+        **options,
+    )
     assert not torch.allclose(together[0], together[2])
 
+    x, y, net = _regression64(48)
     val = (x[:16] + 0.1, y[:16])
     joint = bdl.DeepEnsemble(net, "gaussian", n_members=3, seed=7, independent_data_order=False)
     history = joint.fit((x, y), val_data=val, epochs=11, member_epochs=counts, **options)

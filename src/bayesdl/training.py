@@ -244,20 +244,9 @@ class _MemberDecay:
 
     def __init__(self, objective: Objective, params: list[Tensor], config: TrainConfig) -> None:
         values = config.weight_decay
-        members = getattr(objective, "n_members", None)
-        if members is None:
-            raise ValueError(
-                f"weight_decay got {len(values)} values (one per member), but this method has "
-                "no stacked members; pass one number."
-            )
-        if len(values) != members:
-            raise ValueError(
-                f"weight_decay got {len(values)} values, but there are {members} members; pass "
-                f"{members} values or one number."
-            )
-        bad = [tuple(p.shape) for p in params if p.ndim == 0 or p.shape[0] != members]
-        if bad:
-            raise ValueError(f"parameters without a leading member axis of {members}: {bad}")
+        members = _per_member_count(
+            "weight_decay", values, objective, params, "parameters", "one number"
+        )
         self.params = params
         self.decoupled = config.optimizer is OptimizerName.ADAMW
         first = params[0]
@@ -276,26 +265,37 @@ class _MemberDecay:
             torch._foreach_addcmul_(grads, self.params, self.views)
 
 
+def _per_member_count(
+    option: str, values, objective: Objective, tensors: list[Tensor], what: str, alone: str
+) -> int:
+    """The number ``M`` of the objective's stacked members, checked for an option that holds
+    one value per member: ``values`` has ``M`` of them and every one of ``tensors`` (``what``:
+    parameters, state) has a leading member axis of ``M``. ``alone`` says what to pass instead
+    of one value per member."""
+    members = getattr(objective, "n_members", None)
+    if members is None:
+        raise ValueError(
+            f"{option} got {len(values)} values (one per member), but this method has no "
+            f"stacked members; pass {alone}."
+        )
+    if len(values) != members:
+        raise ValueError(
+            f"{option} got {len(values)} values, but there are {members} members; pass "
+            f"{members} values or {alone}."
+        )
+    bad = [tuple(t.shape) for t in tensors if t.ndim == 0 or t.shape[0] != members]
+    if bad:
+        raise ValueError(f"{what} without a leading member axis of {members}: {bad}")
+    return members
+
+
 def _member_limits(objective: Objective, state: list[Tensor], config: TrainConfig):
     """``config.member_epochs`` as a tensor ``(M,)`` checked against the objective's stacked
     members (``None`` without it)."""
     if config.member_epochs is None:
         return None
     counts = config.member_epochs
-    members = getattr(objective, "n_members", None)
-    if members is None:
-        raise ValueError(
-            f"member_epochs got {len(counts)} values (one per member), but this method has no "
-            "stacked members; pass epochs alone."
-        )
-    if len(counts) != members:
-        raise ValueError(
-            f"member_epochs got {len(counts)} values, but there are {members} members; pass "
-            f"{members} values."
-        )
-    bad = [tuple(t.shape) for t in state if t.ndim == 0 or t.shape[0] != members]
-    if bad:
-        raise ValueError(f"state without a leading member axis of {members}: {bad}")
+    _per_member_count("member_epochs", counts, objective, state, "state", "epochs alone")
     return torch.tensor(counts, device=state[0].device)
 
 
