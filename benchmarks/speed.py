@@ -30,6 +30,20 @@ Cases
 ``mlp_predict_s100_<method>``
     For every registered method except ``deterministic``: 100 draws on 1,000 inputs of a
     784-400-400-10 dropout MLP, against 100 deterministic forward passes (the practical floor).
+``save_ensemble_1m``
+    ``bayesdl.save`` of a 5-member ``DeepEnsemble`` of a 64-1000-900-2 MLP (967,702 weights per
+    member, 19 MB of float32) to a temporary folder, against ``safetensors.torch.save_file`` of
+    the same tensors (``post.state_dict()``, contiguous) to the same folder. ``bayesdl.save``
+    also writes the JSON header and a checksum over every byte, and fsyncs a temporary file
+    before renaming it into place.
+``load_ensemble_1m``
+    ``bayesdl.load`` of that file (a posterior ready to predict: every byte read and checked)
+    against ``safetensors.torch.load_file`` of the same file with every tensor cloned (touching
+    every byte). ``load_file`` alone maps the file lazily and reads almost nothing, so the row
+    also reports the ratio against it (``extra_ratios``, printed under the table).
+
+A case may time further baselines beside the main one (``extra_baselines`` in its info); their
+seconds and ratios go into the row as ``extra_seconds`` and ``extra_ratios``.
 """
 
 from __future__ import annotations
@@ -37,10 +51,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -58,32 +76,41 @@ SEED = 0
 
 
 # ----------------------------------------------------------------------------- timing
-def time_pair(
-    method: Timed, baseline: Timed, repeats: int, device: torch.device | None = None
-) -> tuple[float, float]:
-    """Median seconds of ``method`` and of ``baseline`` over ``repeats`` interleaved calls.
+def time_interleaved(
+    fns: Sequence[Timed], repeats: int, device: torch.device | None = None
+) -> list[float]:
+    """Median seconds of each of ``fns`` over ``repeats`` interleaved rounds.
 
-    One warm-up call of each comes first (untimed); then ``A B A B ...``. The garbage collector
-    runs before each call, outside the timed interval, so a collection triggered by one call's
-    garbage does not land in the other's time.
+    One warm-up call of each comes first (untimed); then ``A B C A B C ...``. The garbage
+    collector runs before each call, outside the timed interval, so a collection triggered by
+    one call's garbage does not land in another's time.
     """
 
     def sync() -> None:
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    method()
-    baseline()
+    for fn in fns:
+        fn()
     sync()
-    times: tuple[list[float], list[float]] = ([], [])
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, out in zip((method, baseline), times, strict=True):
+        for fn, out in zip(fns, times, strict=True):
             gc.collect()
             start = time.perf_counter()
             fn()
             sync()
             out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(t) for t in times]
+
+
+def time_pair(
+    method: Timed, baseline: Timed, repeats: int, device: torch.device | None = None
+) -> tuple[float, float]:
+    """Median seconds of ``method`` and of ``baseline`` over ``repeats`` interleaved calls
+    ``A B A B ...``, after one warm-up call of each (see :func:`time_interleaved`)."""
+    seconds, base = time_interleaved((method, baseline), repeats, device)
+    return seconds, base
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -345,6 +372,93 @@ def case_laplace_predict_glm(quick: bool, device: torch.device) -> tuple[Timed, 
     return (lambda: post.predictive_probs(x)), baseline, info
 
 
+def _fitted_ensemble(quick: bool, device: torch.device) -> tuple[bdl.Posterior, dict]:
+    """A 5-member Gaussian ``DeepEnsemble`` of a ``bayesdl.models.mlp`` with 64 inputs, after one
+    epoch on 8 random points (so it records its input shape, as a fitted one does)."""
+    n_in, hidden, n_members = (64, (32, 32), 5) if quick else (64, (1000, 900), 5)
+    net = _seeded(SEED, lambda: bdl.models.mlp(n_in, 2, hidden=hidden)).to(device)
+    post = bdl.DeepEnsemble(net, "gaussian", n_members=n_members, seed=SEED)
+    g = torch.Generator().manual_seed(SEED)
+    x, y = torch.randn(8, n_in, generator=g), torch.randn(8, generator=g)
+    post.fit((x.to(device), y.to(device)), epochs=1, batch_size=8, seed=SEED, progress=False)
+    n_weights = sum(p.numel() for p in net.parameters())
+    info = {
+        "net": f"{'-'.join(map(str, (n_in, *hidden, 2)))} (bayesdl.models.mlp), "
+        f"{n_weights:,} weights per member",
+        "n_members": n_members,
+    }
+    return post, info
+
+
+def _temporary_folder(owner: Timed) -> str:
+    """A new empty folder, removed with its files when ``owner`` is garbage collected (or at
+    exit), so a case's files live exactly as long as its timed functions."""
+    folder = tempfile.mkdtemp(prefix="bayesdl-bench-")
+    weakref.finalize(owner, shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def case_save_ensemble_1m(quick: bool, device: torch.device) -> tuple[Timed, Timed, dict]:
+    from safetensors.torch import save_file
+
+    post, info = _fitted_ensemble(quick, device)
+
+    def method() -> None:
+        bdl.save(post, ours)
+
+    def baseline() -> None:
+        save_file({k: v.contiguous() for k, v in post.state_dict().items()}, plain)
+
+    folder = _temporary_folder(method)
+    ours, plain = (os.path.join(folder, f"{n}.safetensors") for n in ("model", "plain"))
+    method()
+    info |= {
+        "target": 1.5,
+        "baseline": "safetensors.torch.save_file of post.state_dict() (contiguous), same folder",
+        "timed": "bayesdl.save(post, path): header, checksum of every byte, temporary file, "
+        "fsync, rename",
+        "file_bytes": os.path.getsize(ours),
+    }
+    return method, baseline, info
+
+
+def case_load_ensemble_1m(quick: bool, device: torch.device) -> tuple[Timed, Timed, dict]:
+    from safetensors.torch import load_file
+
+    def method() -> bdl.Posterior:
+        return bdl.load(path, map_location=device)
+
+    def baseline() -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in load_file(path, device=str(device)).items()}
+
+    def lazy() -> dict[str, Tensor]:
+        return load_file(path, device=str(device))
+
+    path = os.path.join(_temporary_folder(method), "model.safetensors")
+    post, info = _fitted_ensemble(quick, device)
+    bdl.save(post, path)
+    loaded = method().state_dict()  # what is timed gives the saved weights back (untimed check)
+    if loaded.keys() != post.state_dict().keys() or not all(
+        torch.equal(loaded[k], v) for k, v in post.state_dict().items()
+    ):
+        raise RuntimeError("bayesdl.load did not return the saved weights; not timing it.")
+    info |= {
+        "target": 1.5,
+        "baseline": "safetensors.torch.load_file of the same file, every tensor cloned "
+        "(every byte read)",
+        "timed": "bayesdl.load(path): read and verify the file, build the network and the "
+        "ensemble, load the weights",
+        "file_bytes": os.path.getsize(path),
+        "extra_baselines": {
+            "lazy_load_file": (
+                lazy,
+                "safetensors.torch.load_file alone: maps the file, reads its bytes on first use",
+            )
+        },
+    }
+    return method, baseline, info
+
+
 # How to build each registered method for ``mlp_predict_s100_<method>`` given the net and S (the
 # constructor arguments); a registered method missing here is skipped with a note, so a new
 # method gets its row by adding one line.
@@ -391,6 +505,8 @@ def all_cases() -> tuple[dict[str, CaseBuilder], list[str]]:
         "vi_train_small": _vi_train_small_case("bayesdl"),
         "laplace_fit_last_layer_kron": case_laplace_fit_last_layer_kron,
         "laplace_predict_glm": case_laplace_predict_glm,
+        "save_ensemble_1m": case_save_ensemble_1m,
+        "load_ensemble_1m": case_load_ensemble_1m,
     }
     for kind in ("bayesian_torch", "blitz"):  # comparison rows when the libraries are there
         if _vi_train_small_case(kind)(True, torch.device("cpu"))[0] is not None:
@@ -414,7 +530,11 @@ def run_case(
 ) -> dict:
     device = device or torch.device("cpu")
     method, baseline, info = build(quick, device)
-    seconds, base = time_pair(method, baseline, repeats, device)
+    info = dict(info)
+    extra = info.pop("extra_baselines", {})
+    seconds, base, *others = time_interleaved(
+        (method, baseline, *(fn for fn, _ in extra.values())), repeats, device
+    )
     row = {
         "name": name,
         "seconds": seconds,
@@ -426,6 +546,10 @@ def run_case(
         "quick": quick,
         "device": str(device),
     }
+    if extra:
+        row["extra_baselines"] = {label: text for label, (_, text) in extra.items()}
+        row["extra_seconds"] = dict(zip(extra, others, strict=True))
+        row["extra_ratios"] = {label: seconds / t for label, t in zip(extra, others, strict=True)}
     row["met"] = None if row["target"] is None else row["ratio"] <= row["target"]
     return row
 
@@ -456,7 +580,10 @@ def format_table(result: dict, notes: list[str], quick: bool) -> str:
         )
     lines += [f"note: {n}" for n in notes]
     lines.append("baselines:")
-    lines += [f"  {r['name']}: {r['baseline']}" for r in result["cases"]]
+    for r in result["cases"]:
+        lines.append(f"  {r['name']}: {r['baseline']}")
+        for label, text in r.get("extra_baselines", {}).items():
+            lines.append(f"    also against {label} ({text}): ratio {r['extra_ratios'][label]:.3f}")
     return "\n".join(lines)
 
 

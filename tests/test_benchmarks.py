@@ -26,6 +26,7 @@ ISSUE_CASES = {"ensemble_train_small", "mc_dropout_predict_10k"} | {
 }
 ISSUE_CASES |= {"laplace_fit_last_layer_kron", "laplace_predict_glm"}
 ISSUE_CASES |= {"vi_train_epoch_mlp", "vi_train_small"}
+ISSUE_CASES |= {"save_ensemble_1m", "load_ensemble_1m"}
 # comparison rows appear only where the other libraries are installed (make bench)
 OPTIONAL_CASES = {"vi_train_small_bayesian_torch", "vi_train_small_blitz"}
 
@@ -65,6 +66,16 @@ def test_rows_are_consistent(quick_json):
             assert row["met"] == (row["ratio"] <= row["target"])
         assert row["quick"] is True  # quick output says it is quick
         assert isinstance(row["baseline"], str) and row["baseline"]
+        extra = row.get("extra_seconds", {})
+        assert set(extra) == set(row.get("extra_ratios", {})) == set(row.get("extra_baselines", {}))
+        for label, seconds in extra.items():
+            assert row["extra_ratios"][label] == pytest.approx(row["seconds"] / seconds, rel=1e-12)
+
+
+def test_load_row_reports_the_lazy_baseline_too(quick_json):
+    (row,) = [r for r in quick_json["cases"] if r["name"] == "load_ensemble_1m"]
+    assert set(row["extra_ratios"]) == {"lazy_load_file"}
+    assert row["file_bytes"] > 0
 
 
 def test_targets_are_the_issues():
@@ -72,6 +83,7 @@ def test_targets_are_the_issues():
     want = {"ensemble_train_small": 1.5, "mc_dropout_predict_10k": 0.2}
     want |= {"laplace_fit_last_layer_kron": 1.5, "laplace_predict_glm": 0.05}
     want |= {"vi_train_epoch_mlp": 1.6, "vi_train_small": None}
+    want |= {"save_ensemble_1m": 1.5, "load_ensemble_1m": 1.5}
     want |= {name: None for name in OPTIONAL_CASES}
     for name, build in cases.items():
         info = build(True, torch.device("cpu"))[2]
@@ -85,6 +97,13 @@ def test_main_in_process_selects_cases_and_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "QUICK" in out and "mc_dropout_predict_10k" in out
     assert ("ok" in out) or ("MISSED" in out)
+
+
+def test_extra_baselines_are_timed_and_printed(capsys):
+    result = speed.main(["--quick", "--cases", "load_ensemble_1m", "--repeats", "1"])
+    (row,) = result["cases"]
+    assert row["extra_seconds"]["lazy_load_file"] > 0
+    assert "also against lazy_load_file" in capsys.readouterr().out
 
 
 def test_unknown_case_is_refused(capsys):

@@ -256,3 +256,44 @@ def test_bad_input():
         conformal.split_conformal_classification(pred, yc, wider, 0.1)
     with pytest.raises(TypeError, match="pred_cal must be a RegressionPrediction"):
         conformal.split_conformal_regression(pred, yc, pred, 0.1)
+
+
+# ---------------------------------------------------------------- the fitted threshold
+
+
+def test_conformalize_regression_matches_the_one_shot_intervals():
+    post, x, y = miscalibrated_regression(n=400)
+    want = conformal.conformal_intervals(post, x[:200], y[:200], x[200:], 0.1)
+    fitted = conformal.conformalize(post, x[:200], y[:200], 0.1)
+    assert isinstance(fitted, conformal.ConformalPredictor)
+    assert fitted.threshold == float(want.radius) and fitted.n_calibration == 200
+    got = fitted.intervals(x[200:])
+    torch.testing.assert_close(got.lower, want.lower, rtol=0, atol=0)
+    torch.testing.assert_close(got.upper, want.upper, rtol=0, atol=0)
+    # it predicts like the posterior it wraps, and covers about 1 - alpha of fresh data
+    torch.testing.assert_close(fitted.predict(x[:5]).mean, post.predict(x[:5]).mean)
+    assert 0.85 < float(got.contains(y[200:]).double().mean()) < 0.96
+    with pytest.raises(ValueError, match="needs a classification posterior.*intervals"):
+        fitted.sets(x[200:])
+
+
+def test_conformalize_classification_matches_the_one_shot_sets():
+    clf, x, y = overconfident_classifier(n=600)
+    want = conformal.conformal_sets(clf, x[:300], y[:300], x[300:], 0.1, randomized=False)
+    fitted = conformal.conformalize(clf, x[:300], y[:300], 0.1, randomized=False)
+    assert fitted.threshold == float(want.threshold) and not fitted.randomized
+    got = fitted.sets(x[300:])
+    assert torch.equal(got.sets, want.sets)
+    g = torch.Generator().manual_seed(0)
+    randomized = conformal.conformalize(clf, x[:300], y[:300], 0.1, generator=g)
+    a = randomized.sets(x[300:], generator=torch.Generator().manual_seed(1)).sets
+    b = randomized.sets(x[300:], generator=torch.Generator().manual_seed(1)).sets
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="needs a regression posterior.*sets"):
+        fitted.intervals(x[300:])
+    with pytest.raises(TypeError, match="expected a fitted bayesdl Posterior"):
+        conformal.conformalize(nn.Linear(6, 5), x[:300], y[:300])
+    with pytest.raises(ValueError, match="x_cal has 300 examples but y_cal has 299"):
+        conformal.conformalize(clf, x[:300], y[:299])
+    with pytest.raises(ValueError, match="alpha=0.01 needs at least 99"):
+        conformal.conformalize(clf, x[:30], y[:30], 0.01)

@@ -7,6 +7,10 @@
 >>> pred.probs.shape, pred.epistemic.shape                  # doctest: +SKIP
 """
 
+from bayesdl import models
+from bayesdl._version import __version__
+from bayesdl.files import ModelFileError
+from bayesdl.io import ModelInfo, inspect, load, save
 from bayesdl.likelihoods import (
     Categorical,
     Gaussian,
@@ -29,8 +33,6 @@ from bayesdl.predictions import ClassificationPrediction, Prediction, Regression
 from bayesdl.priors import GaussianPrior, Prior, ScaleMixturePrior
 from bayesdl.training import History, TrainingDivergedError
 
-__version__ = "0.1.0"
-
 __all__ = [
     "SWAG",
     "Categorical",
@@ -45,6 +47,8 @@ __all__ = [
     "Likelihood",
     "MCDropout",
     "MeanFieldVI",
+    "ModelFileError",
+    "ModelInfo",
     "Posterior",
     "Prediction",
     "Prior",
@@ -55,4 +59,8 @@ __all__ = [
     "available_posteriors",
     "get_likelihood",
     "get_posterior",
+    "inspect",
+    "load",
+    "models",
+    "save",
 ]

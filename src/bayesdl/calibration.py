@@ -27,7 +27,7 @@ from torch import Tensor
 
 from bayesdl.likelihoods import Likelihood
 from bayesdl.posteriors.base import Posterior
-from bayesdl.predictions import ClassificationPrediction, RegressionPrediction
+from bayesdl.posteriors.wrapper import PosteriorWrapper, check_posterior
 
 __all__ = [
     "CalibratedPosterior",
@@ -154,7 +154,7 @@ def fit_scale(outputs: Tensor, y: Tensor, likelihood: Likelihood, *, max_iter: i
     return scale
 
 
-class CalibratedPosterior:
+class CalibratedPosterior(PosteriorWrapper):
     """A fitted posterior whose every draw is rescaled by one fitted scalar.
 
     It exposes the prediction side of the :class:`~bayesdl.posteriors.base.Posterior`
@@ -165,19 +165,20 @@ class CalibratedPosterior:
     Parameters
     ----------
     posterior:
-        A fitted posterior (or another :class:`CalibratedPosterior`).
+        A fitted posterior (or another wrapped one).
     scale:
         The temperature ``T`` (classification) or variance factor ``s`` (regression), > 0.
         Usually obtained from :func:`temperature_scale` / :func:`variance_scale`.
     """
 
-    def __init__(self, posterior: Posterior | CalibratedPosterior, scale: float) -> None:
-        _check_posterior(posterior)
+    wrapper_name = "calibration"
+
+    def __init__(self, posterior: Posterior | PosteriorWrapper, scale: float) -> None:
+        super().__init__(posterior)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a positive number, got {type(scale).__name__}.")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive finite number, got {scale!r}.")
-        self.posterior = posterior
         self.scale = float(scale)
         #: What the scale multiplies (temperature for logits, factor for variances).
         self.kind = _kind(posterior.likelihood)
@@ -186,47 +187,13 @@ class CalibratedPosterior:
         inner = type(self.posterior).__name__
         return f"CalibratedPosterior({inner}, {self.kind.value}={self.scale:.6g})"
 
-    # The read-only properties of the wrapped posterior.
-    @property
-    def likelihood(self) -> Likelihood:
-        return self.posterior.likelihood
-
-    @property
-    def task(self) -> str:
-        return self.posterior.task
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.posterior.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.posterior.device
-
-    @property
-    def input_shape(self) -> tuple[int, ...] | None:
-        return self.posterior.input_shape
-
-    @property
-    def default_n_samples(self) -> int:
-        return self.posterior.default_n_samples
+    def wrapper_options(self) -> dict:
+        return {"scale": self.scale}
 
     def transform(self, outputs: Tensor) -> Tensor:
         """Rescale the wrapped posterior's outputs ``(S, B, K)``; see :func:`scale_outputs`."""
         log_scale = torch.tensor(math.log(self.scale), dtype=outputs.dtype, device=outputs.device)
         return scale_outputs(outputs, log_scale, self.likelihood)
-
-    def sample_outputs(
-        self, x, n_samples: int | None = None, *, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """The wrapped posterior's outputs under ``S`` draws, rescaled; ``(S, B, K)``."""
-        return self.transform(self.posterior.sample_outputs(x, n_samples, generator=generator))
-
-    def predict(
-        self, x, n_samples: int | None = None, *, generator: torch.Generator | None = None
-    ) -> ClassificationPrediction | RegressionPrediction:
-        """Calibrated predictive distribution at ``x`` from ``S`` draws."""
-        return self.likelihood.predictive(self.sample_outputs(x, n_samples, generator=generator))
 
     def state_dict(self) -> dict[str, Tensor]:
         """The wrapped posterior's state plus the scale (key ``"calibration.scale"``)."""
@@ -247,16 +214,8 @@ class CalibratedPosterior:
         self.scale = scale
 
 
-def _check_posterior(posterior: object) -> None:
-    if not isinstance(posterior, (Posterior, CalibratedPosterior)):
-        raise TypeError(
-            "expected a fitted bayesdl Posterior (e.g. bdl.DeepEnsemble) or a "
-            f"CalibratedPosterior, got {type(posterior).__name__}."
-        )
-
-
 def calibrate(
-    posterior: Posterior | CalibratedPosterior,
+    posterior: Posterior | PosteriorWrapper,
     x_val,
     y_val,
     *,
@@ -288,7 +247,7 @@ def calibrate(
     -------
     CalibratedPosterior
     """
-    _check_posterior(posterior)
+    check_posterior(posterior)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}.")
     outputs = posterior.sample_outputs(x_val, n_samples, generator=generator)
@@ -312,7 +271,7 @@ def calibrate(
 def require_task(posterior: object, task: str, other: str) -> None:
     """A fitted Posterior or CalibratedPosterior of ``task``, else an error naming ``other``, the
     function for the other task (shared by calibration and conformal prediction)."""
-    _check_posterior(posterior)
+    check_posterior(posterior)
     if posterior.task != task:
         raise ValueError(
             f"this needs a {task} posterior, got a {posterior.task} one; use {other} instead."
@@ -320,7 +279,7 @@ def require_task(posterior: object, task: str, other: str) -> None:
 
 
 def temperature_scale(
-    posterior: Posterior | CalibratedPosterior,
+    posterior: Posterior | PosteriorWrapper,
     x_val,
     y_val,
     *,
@@ -341,7 +300,7 @@ def temperature_scale(
 
 
 def variance_scale(
-    posterior: Posterior | CalibratedPosterior,
+    posterior: Posterior | PosteriorWrapper,
     x_val,
     y_val,
     *,

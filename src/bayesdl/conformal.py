@@ -38,10 +38,12 @@ import torch
 from torch import Tensor
 
 from bayesdl.calibration import require_task
+from bayesdl.posteriors.wrapper import PosteriorWrapper, check_posterior
 from bayesdl.predictions import ClassificationPrediction, RegressionPrediction
 
 __all__ = [
     "ConformalIntervals",
+    "ConformalPredictor",
     "ConformalSets",
     "aps_scores",
     "aps_sets",
@@ -49,6 +51,7 @@ __all__ = [
     "conformal_quantile",
     "conformal_rank",
     "conformal_sets",
+    "conformalize",
     "min_calibration_size",
     "normalized_residuals",
     "split_conformal_classification",
@@ -297,11 +300,18 @@ def split_conformal_regression(
     alpha = _check_alpha(alpha)
     _check_prediction(pred_cal, RegressionPrediction, "pred_cal")
     _check_prediction(pred_test, RegressionPrediction, "pred_test")
+    radius = _regression_radius(pred_cal, y_cal, alpha)
     if pred_cal.mean.shape[1:] != pred_test.mean.shape[1:]:
         raise ValueError(
             f"calibration and test predictions have different targets per example: "
             f"{tuple(pred_cal.mean.shape[1:])} and {tuple(pred_test.mean.shape[1:])}."
         )
+    return _intervals(pred_test, radius, alpha, len(pred_cal.mean))
+
+
+def _regression_radius(pred_cal: RegressionPrediction, y_cal, alpha: float) -> Tensor:
+    """The conformal threshold on the normalised residuals of the calibration data, 0-d."""
+    _check_prediction(pred_cal, RegressionPrediction, "pred_cal")
     std_cal = pred_cal.std
     if not bool((std_cal > 0).all()):
         raise ValueError(
@@ -309,10 +319,14 @@ def split_conformal_regression(
             "|y - mean| / std is undefined; give the likelihood a positive min_variance."
         )
     y_cal = _regression_targets(pred_cal, y_cal, "y_cal")
-    radius = conformal_quantile(normalized_residuals(pred_cal, y_cal), alpha)
-    half = radius * pred_test.std
-    n = len(pred_cal.mean)
-    return ConformalIntervals(pred_test.mean - half, pred_test.mean + half, radius, alpha, n)
+    return conformal_quantile(normalized_residuals(pred_cal, y_cal), alpha)
+
+
+def _intervals(
+    pred: RegressionPrediction, radius: Tensor, alpha: float, n: int
+) -> ConformalIntervals:
+    half = radius * pred.std
+    return ConformalIntervals(pred.mean - half, pred.mean + half, radius, alpha, n)
 
 
 def split_conformal_classification(
@@ -352,21 +366,45 @@ def split_conformal_classification(
         raise TypeError(f"randomized must be True or False, got {randomized!r}.")
     _check_prediction(pred_cal, ClassificationPrediction, "pred_cal")
     _check_prediction(pred_test, ClassificationPrediction, "pred_test")
-    probs_cal, probs_test = pred_cal.probs, pred_test.probs
-    n, n_classes = probs_cal.shape
-    if probs_test.shape[1] != n_classes:
+    threshold = _aps_threshold(pred_cal, y_cal, alpha, randomized, generator)
+    n_classes = pred_cal.probs.shape[1]
+    if pred_test.probs.shape[1] != n_classes:
         raise ValueError(
             f"calibration predictions have {n_classes} classes but test predictions "
-            f"{probs_test.shape[1]}; use the same model for both."
+            f"{pred_test.probs.shape[1]}; use the same model for both."
         )
-    y = _labels(y_cal, n, n_classes, probs_cal.device, "y_cal")
-    u_cal = u_test = None
+    return _sets(pred_test, threshold, alpha, randomized, len(pred_cal.probs), generator)
+
+
+def _aps_threshold(
+    pred_cal: ClassificationPrediction, y_cal, alpha: float, randomized: bool, generator
+) -> Tensor:
+    """The conformal APS threshold of the calibration data, 0-d (draws ``u`` if randomised)."""
+    if not isinstance(randomized, bool):
+        raise TypeError(f"randomized must be True or False, got {randomized!r}.")
+    _check_prediction(pred_cal, ClassificationPrediction, "pred_cal")
+    probs = pred_cal.probs
+    n, n_classes = probs.shape
+    y = _labels(y_cal, n, n_classes, probs.device, "y_cal")
+    u = None
     if randomized:
-        kw = dict(generator=generator, dtype=probs_cal.dtype, device=probs_cal.device)
-        u_cal, u_test = torch.rand(n, **kw), torch.rand(len(probs_test), **kw)
-    threshold = conformal_quantile(aps_scores(probs_cal, y, u_cal), alpha)
-    sets = aps_sets(probs_test, threshold, u_test)
-    return ConformalSets(sets, threshold, alpha, randomized, n)
+        u = torch.rand(n, generator=generator, dtype=probs.dtype, device=probs.device)
+    return conformal_quantile(aps_scores(probs, y, u), alpha)
+
+
+def _sets(
+    pred: ClassificationPrediction,
+    threshold: Tensor,
+    alpha: float,
+    randomized: bool,
+    n: int,
+    generator,
+) -> ConformalSets:
+    probs = pred.probs
+    u = None
+    if randomized:
+        u = torch.rand(len(probs), generator=generator, dtype=probs.dtype, device=probs.device)
+    return ConformalSets(aps_sets(probs, threshold, u), threshold, alpha, randomized, n)
 
 
 # ---------------------------------------------------------------- on a posterior
@@ -460,3 +498,134 @@ def conformal_sets(
     return split_conformal_classification(
         pred_cal, y_cal, pred_test, alpha, randomized=randomized, generator=generator
     )
+
+
+class ConformalPredictor(PosteriorWrapper):
+    """A fitted posterior with a split-conformal threshold, fitted once on calibration data.
+
+    It predicts like the posterior (``predict``, ``sample_outputs``) and adds the conformal
+    regions at any new inputs: :meth:`intervals` (regression) or :meth:`sets` (classification),
+    which hold the true value with probability at least ``1 - alpha`` for test data exchangeable
+    with the calibration data. Build it with :func:`conformalize`; it saves into model files.
+
+    Parameters
+    ----------
+    posterior:
+        The fitted posterior (or a calibrated one) the threshold was computed for.
+    threshold:
+        The radius ``q`` on ``|y - mean| / std`` (regression) or the APS threshold
+        (classification).
+    alpha:
+        The allowed miscoverage.
+    n_calibration:
+        Number of calibration examples.
+    randomized:
+        Classification: whether the sets are randomised APS (see the module docstring).
+    """
+
+    wrapper_name = "conformal"
+
+    def __init__(
+        self,
+        posterior,
+        threshold: float,
+        alpha: float,
+        n_calibration: int,
+        randomized: bool = True,
+    ) -> None:
+        super().__init__(posterior)
+        self.alpha = _check_alpha(alpha)
+        if isinstance(threshold, Tensor):
+            threshold = float(threshold)
+        if isinstance(threshold, bool) or not isinstance(threshold, Real):
+            raise TypeError(f"threshold must be a number, got {threshold!r}.")
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold!r}.")
+        if isinstance(n_calibration, bool) or not isinstance(n_calibration, int):
+            raise TypeError(f"n_calibration must be an integer, got {n_calibration!r}.")
+        if not isinstance(randomized, bool):
+            raise TypeError(f"randomized must be True or False, got {randomized!r}.")
+        self.threshold = float(threshold)
+        self.n_calibration = n_calibration
+        self.randomized = randomized
+
+    def __repr__(self) -> str:
+        inner = type(self.posterior).__name__
+        return (
+            f"ConformalPredictor({inner}, alpha={self.alpha:g}, threshold={self.threshold:.6g}, "
+            f"n_calibration={self.n_calibration})"
+        )
+
+    def wrapper_options(self) -> dict:
+        return {
+            "threshold": self.threshold,
+            "alpha": self.alpha,
+            "n_calibration": self.n_calibration,
+            "randomized": self.randomized,
+        }
+
+    def _threshold(self) -> Tensor:
+        return torch.tensor(self.threshold, dtype=self.dtype, device=self.device)
+
+    def intervals(
+        self, x, n_samples: int | None = None, *, generator: torch.Generator | None = None
+    ) -> ConformalIntervals:
+        """Conformal intervals at inputs ``x`` ``(B, ...)``: bounds ``(B,)`` or ``(B, D)``."""
+        require_task(self, "regression", "sets")
+        pred = self.predict(x, n_samples, generator=generator)
+        return _intervals(pred, self._threshold(), self.alpha, self.n_calibration)
+
+    def sets(
+        self, x, n_samples: int | None = None, *, generator: torch.Generator | None = None
+    ) -> ConformalSets:
+        """Conformal APS sets at inputs ``x`` ``(B, ...)``: a mask ``(B, C)``; the generator
+        also draws the randomisation."""
+        require_task(self, "classification", "intervals")
+        pred = self.predict(x, n_samples, generator=generator)
+        return _sets(
+            pred, self._threshold(), self.alpha, self.randomized, self.n_calibration, generator
+        )
+
+
+def conformalize(
+    posterior,
+    x_cal,
+    y_cal,
+    alpha: float = 0.1,
+    *,
+    randomized: bool = True,
+    n_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> ConformalPredictor:
+    """Fit the split-conformal threshold of a fitted posterior on calibration data, once.
+
+    Parameters
+    ----------
+    posterior:
+        A fitted posterior of either task (or a calibrated one).
+    x_cal, y_cal:
+        Calibration data not used in training: inputs ``(n, ...)`` and targets ``(n,)`` /
+        ``(n, D)`` or labels ``(n,)``; ``n >= min_calibration_size(alpha)``.
+    alpha:
+        Allowed miscoverage in ``(0, 1)``.
+    randomized:
+        Classification: randomised APS or not (see the module docstring).
+    n_samples, generator:
+        Passed to ``posterior.predict``; the generator also draws the randomisation.
+
+    Returns
+    -------
+    ConformalPredictor
+        Its :meth:`~ConformalPredictor.intervals` or :meth:`~ConformalPredictor.sets` give the
+        regions at new inputs.
+    """
+    alpha = _check_alpha(alpha)
+    check_posterior(posterior)
+    pred_cal = posterior.predict(x_cal, n_samples, generator=generator)
+    n = len(pred_cal.probs if posterior.task == "classification" else pred_cal.mean)
+    _check_pair_lengths(n, y_cal, "y_cal")
+    if posterior.task == "classification":
+        threshold = _aps_threshold(pred_cal, y_cal, alpha, randomized, generator)
+    else:
+        threshold = _regression_radius(pred_cal, y_cal, alpha)
+    return ConformalPredictor(posterior, float(threshold), alpha, n, randomized)

@@ -35,6 +35,7 @@ __all__ = [
     "Likelihood",
     "LikelihoodName",
     "get_likelihood",
+    "likelihood_from_options",
 ]
 
 
@@ -42,6 +43,13 @@ class Likelihood(nn.Module, ABC):
     """Base class: maps network outputs to a loss and to a predictive distribution."""
 
     task: str
+    #: Registry name (see :class:`LikelihoodName`); ``None`` for a likelihood of the user's own.
+    name: str | None = None
+
+    def options(self) -> dict:
+        """Constructor options as plain JSON values: ``type(self)(**options())`` rebuilds it
+        (learned parameters, such as a learned noise, are state, saved with the weights)."""
+        return {}
 
     def forward(self, outputs: Tensor) -> Tensor:
         """Natural parameters from raw network outputs; ``(..., K_raw) -> (..., K)``."""
@@ -103,12 +111,16 @@ class Categorical(Likelihood):
     """
 
     task = "classification"
+    name = "categorical"
 
     def __init__(self, n_classes: int | None = None) -> None:
         super().__init__()
         if n_classes is not None and (not isinstance(n_classes, int) or n_classes < 2):
             raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}.")
         self.n_classes = n_classes
+
+    def options(self) -> dict:
+        return {"n_classes": self.n_classes}
 
     @property
     def n_outputs(self) -> int:
@@ -187,6 +199,9 @@ class _GaussianBase(Likelihood):
         self.min_variance = float(min_variance)
         self.beta = float(beta)
 
+    def options(self) -> dict:
+        return {"n_targets": self.n_targets, "min_variance": self.min_variance, "beta": self.beta}
+
     def extra_repr(self) -> str:
         return f"n_targets={self.n_targets}, beta={self.beta}" if self.beta else ""
 
@@ -250,6 +265,8 @@ class Gaussian(_GaussianBase):
     points away with a large variance.
     """
 
+    name = "gaussian"
+
     def _width_hint(self) -> str:
         return (
             f"Make the last layer output 2 * n_targets = {self.n_outputs} numbers (mean and "
@@ -266,6 +283,8 @@ class HomoscedasticGaussian(_GaussianBase):
     ``(B, 2D)``.
     """
 
+    name = "homoscedastic_gaussian"
+
     def __init__(
         self,
         n_targets: int = 1,
@@ -276,7 +295,11 @@ class HomoscedasticGaussian(_GaussianBase):
         super().__init__(n_targets, min_variance, beta)
         if not init_variance > 0:
             raise ValueError(f"init_variance must be > 0, got {init_variance!r}.")
+        self.init_variance = float(init_variance)
         self.log_variance = nn.Parameter(torch.full((n_targets,), math.log(init_variance)))
+
+    def options(self) -> dict:
+        return {**super().options(), "init_variance": self.init_variance}
 
     @property
     def n_outputs_raw(self) -> int:
@@ -308,6 +331,17 @@ _LIKELIHOODS: dict[LikelihoodName, type[Likelihood]] = {
     LikelihoodName.GAUSSIAN: Gaussian,
     LikelihoodName.HOMOSCEDASTIC_GAUSSIAN: HomoscedasticGaussian,
 }
+
+
+def likelihood_from_options(name: str, options: dict) -> Likelihood:
+    """The library's likelihood ``name`` built with ``options`` (see :meth:`Likelihood.options`);
+    ``ValueError``/``TypeError`` for an unknown name or bad options."""
+    try:
+        cls = _LIKELIHOODS[LikelihoodName(name)]
+    except ValueError:
+        choices = ", ".join(repr(n.value) for n in LikelihoodName)
+        raise ValueError(f"unknown likelihood {name!r}; choose one of {choices}.") from None
+    return cls(**options)
 
 
 def get_likelihood(spec: str | Likelihood) -> Likelihood:

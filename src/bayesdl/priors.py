@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["GaussianPrior", "Prior", "ScaleMixturePrior", "gaussian_kl"]
+__all__ = ["GaussianPrior", "Prior", "ScaleMixturePrior", "gaussian_kl", "prior_from_options"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -38,6 +38,12 @@ class Prior(ABC):
 
     #: True when :meth:`kl` does not need the sampled weights.
     closed_form: bool
+    #: Name in model files (see :func:`prior_from_options`).
+    name: str
+
+    @abstractmethod
+    def options(self) -> dict:
+        """Constructor options as plain JSON values: ``type(self)(**options())`` rebuilds it."""
 
     @abstractmethod
     def log_prob(self, w: Tensor) -> Tensor:
@@ -55,9 +61,13 @@ class GaussianPrior(Prior):
     """Isotropic Gaussian ``N(0, scale^2)``; closed-form KL."""
 
     closed_form = True
+    name = "gaussian"
 
     def __init__(self, scale: float = 1.0) -> None:
         self.scale = _positive("scale", scale)
+
+    def options(self) -> dict:
+        return {"scale": self.scale}
 
     def __repr__(self) -> str:
         return f"GaussianPrior(scale={self.scale})"
@@ -77,6 +87,7 @@ class ScaleMixturePrior(Prior):
     """
 
     closed_form = False
+    name = "scale_mixture"
 
     def __init__(self, pi: float = 0.5, sigma1: float = 1.0, sigma2: float = math.exp(-6)) -> None:
         if isinstance(pi, bool) or not isinstance(pi, (int, float)) or not 0.0 < pi < 1.0:
@@ -84,6 +95,9 @@ class ScaleMixturePrior(Prior):
         self.pi = float(pi)
         self.sigma1 = _positive("sigma1", sigma1)
         self.sigma2 = _positive("sigma2", sigma2)
+
+    def options(self) -> dict:
+        return {"pi": self.pi, "sigma1": self.sigma1, "sigma2": self.sigma2}
 
     def __repr__(self) -> str:
         return f"ScaleMixturePrior(pi={self.pi}, sigma1={self.sigma1}, sigma2={self.sigma2})"
@@ -102,3 +116,13 @@ class ScaleMixturePrior(Prior):
             raise ValueError("ScaleMixturePrior has no closed-form KL: pass the sampled weights w.")
         log_q = (-0.5 * ((w - mu) / sigma) ** 2 - sigma.log() - _LOG_SQRT_2PI).sum()
         return log_q - self.log_prob(w)
+
+
+_PRIORS: dict[str, type[Prior]] = {"gaussian": GaussianPrior, "scale_mixture": ScaleMixturePrior}
+
+
+def prior_from_options(name: str, options: dict) -> Prior:
+    """The prior ``name`` (``"gaussian"``, ``"scale_mixture"``) built with ``options``."""
+    if name not in _PRIORS:
+        raise ValueError(f"unknown prior {name!r}; choose one of {', '.join(map(repr, _PRIORS))}.")
+    return _PRIORS[name](**options)

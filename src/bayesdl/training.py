@@ -6,6 +6,11 @@ epochs, a validation split with early stopping, a progress bar when stderr is a 
 and a guard that stops on a NaN or infinite loss, restores the last good weights and names the
 epoch.
 
+Checkpoints: with ``checkpoint_dir`` the loop writes, every ``checkpoint_every`` epochs and after
+the last one, everything it needs to continue (:mod:`bayesdl.checkpoint`); ``resume=True`` in a
+new process continues from there, bit-identical (on the CPU) to an uninterrupted run with the
+same ``seed``.
+
 Stacked objectives (a deep ensemble trains ``K`` members as one program) return a loss per
 member, shape ``(K,)``; the loop minimises their sum (the members' gradients stay independent)
 and, with a validation set, keeps the best epoch of each member separately.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from bayesdl._options import resolve
+from bayesdl.checkpoint import Checkpoint, LoopState, tensor_signature
 from bayesdl.data import TensorData
 
 __all__ = [
@@ -98,6 +105,24 @@ class TrainConfig:
         ``epochs``.
     seed: seeds the data order, the split, dropout and initialisation noise during training.
     progress: show a progress bar; ``None`` shows one only when stderr is a terminal.
+    checkpoint_dir: a folder (created if missing) where the loop keeps
+        ``checkpoint.safetensors``, replaced atomically, with everything needed to continue the
+        fit (see :mod:`bayesdl.checkpoint`); ``None`` (default): no checkpoints. Without
+        ``resume``, a checkpoint already there is replaced.
+    checkpoint_every: write the checkpoint after every this many epochs (default 1), and always
+        after the last epoch (also when early stopping ends the fit).
+    resume: continue from the checkpoint in ``checkpoint_dir`` (needs it): the weights, the
+        optimiser, the schedule, early stopping, the random streams and the method's own state
+        (SWAG's moments, VI's noise) are restored and training goes on with the next epoch.
+        With a ``seed`` the result is bit-identical (on the CPU) to a fit never interrupted;
+        with ``seed=None`` the data order and split continue too, but dropout and sampling
+        noise after the resume come from the new process's global generator. If there is no
+        checkpoint yet the fit starts from scratch (so a job script can always pass
+        ``resume=True``); a checkpoint of a finished fit restores its result without training.
+        A checkpoint of another run (method, its options, likelihood, model shapes, data size,
+        or one of ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``optimizer``,
+        ``lr_schedule``, ``val_fraction``, ``patience``, ``member_epochs``, ``seed``) raises
+        :class:`~bayesdl.files.ModelFileError` naming the differences.
     """
 
     epochs: int = 100
@@ -112,6 +137,9 @@ class TrainConfig:
     member_epochs: Sequence[int] | None = None
     seed: int | None = None
     progress: bool | None = None
+    checkpoint_dir: str | os.PathLike | None = None
+    checkpoint_every: int = 1
+    resume: bool = False
 
     def __post_init__(self) -> None:
         def bad(name, want):
@@ -155,8 +183,46 @@ class TrainConfig:
                     f"None or a non-empty sequence of integers from 1 to epochs={self.epochs}",
                 )
             self.member_epochs = tuple(counts)
+        if self.checkpoint_dir is not None and not isinstance(
+            self.checkpoint_dir, (str, os.PathLike)
+        ):
+            raise bad("checkpoint_dir", "None or a folder path (str or os.PathLike)")
+        if (
+            not isinstance(self.checkpoint_every, int)
+            or isinstance(self.checkpoint_every, bool)
+            or self.checkpoint_every < 1
+        ):
+            raise bad("checkpoint_every", "a positive integer")
+        if not isinstance(self.resume, bool):
+            raise bad("resume", "True or False")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError(
+                "resume=True continues from a checkpoint, but no checkpoint_dir was given; pass "
+                "checkpoint_dir=, the folder the interrupted fit wrote its checkpoint to."
+            )
         self.lr_schedule = resolve(LRSchedule, self.lr_schedule, "lr_schedule")
         self.optimizer = resolve(OptimizerName, self.optimizer, "optimizer")
+
+    #: The options that change the trajectory: a checkpoint resumes only with the same ones.
+    _TRAJECTORY = (
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "optimizer",
+        "lr_schedule",
+        "val_fraction",
+        "patience",
+        "member_epochs",
+        "seed",
+    )
+
+    def _trajectory(self) -> dict:
+        """The options of :attr:`_TRAJECTORY` as plain values (for a checkpoint's identity)."""
+        plain = {name: getattr(self, name) for name in self._TRAJECTORY}
+        plain["optimizer"] = self.optimizer.value
+        plain["lr_schedule"] = self.lr_schedule.value
+        return plain
 
 
 def _nonnegative(value) -> bool:
@@ -192,6 +258,20 @@ class Objective(Protocol):
     ``n_orders`` is 1 for one model; a stacked objective with ``K`` members that wants each
     member to see its own data order sets it to ``K`` and then receives batches of inputs
     ``(K, b, ...)`` and targets ``(K, b, ...)``.
+
+    Optional members, looked up with ``getattr``:
+
+    * ``end_epoch(epoch, optimizer)`` is called after every finished epoch (1-based), for
+      methods that act on the trajectory (SWAG) or adjust the optimiser's learning rate.
+    * ``n_members``, for stacked objectives whose every parameter has a leading member axis of
+      that length (needed for one weight decay per member).
+    * ``checkpoint_state() -> (json_part, tensors)`` and ``load_checkpoint_state(json_part,
+      tensors)``, for checkpoints (:mod:`bayesdl.checkpoint`): state that changes during the
+      fit but is not in ``state()`` (SWAG's moments; VI's noise pool and epoch counter). The
+      first returns it as a JSON-able dict and a dict ``str -> Tensor`` (saved as
+      ``objective.{name}``) and draws no random numbers; the second puts it back into an
+      objective built for the same run (the tensors arrive on the CPU). An objective without
+      the pair has no such state.
     """
 
     n_orders: int
@@ -210,11 +290,6 @@ class Objective(Protocol):
 
     def val_loss(self, x: Tensor, y: Tensor) -> Tensor:
         """Mean validation loss: a scalar, or one per member ``(K,)``."""
-
-    # Optional: ``end_epoch(epoch, optimizer)`` is called after every finished epoch (1-based),
-    # for methods that act on the trajectory (SWAG) or adjust the optimiser's learning rate.
-    # Optional: ``n_members``, for stacked objectives whose every parameter has a leading member
-    # axis of that length (needed for one weight decay per member).
 
 
 def _make_optimizer(params: list[Tensor], config: TrainConfig) -> torch.optim.Optimizer:
@@ -371,14 +446,39 @@ def _seeded(seed: int | None, device: torch.device):
         yield
 
 
-def _progress(total: int, enabled: bool | None):
+def _progress(total: int, enabled: bool | None, done: int = 0):
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="epoch", leave=False)
+    return tqdm(total=total, initial=done, unit="epoch", leave=False)
+
+
+def _run_identity(
+    identity: dict | None,
+    state: list[Tensor],
+    config: TrainConfig,
+    train: TensorData | DataLoader,
+    val: TensorData | None,
+) -> dict:
+    """What a checkpoint must match to be resumed by this run (see :mod:`bayesdl.checkpoint`)."""
+    if isinstance(train, TensorData):
+        data = {
+            "n_train": len(train),
+            "x": tensor_signature(train.x[0]),
+            "y": tensor_signature(train.y[0]),
+        }
+    else:
+        data = {"n_train": len(train.dataset)}
+    data["n_val"] = None if val is None else len(val)
+    return {
+        **(identity or {}),
+        "state": {str(i): tensor_signature(t) for i, t in enumerate(state)},
+        "training": config._trajectory(),
+        "data": data,
+    }
 
 
 def fit(
@@ -389,19 +489,30 @@ def fit(
     val: TensorData | None = None,
     prepare=None,
     device: torch.device | None = None,
+    identity: dict | None = None,
 ) -> History:
-    """Run the loop. ``prepare`` checks and moves DataLoader batches; ``val`` is validation data.
+    """Run the loop. ``prepare`` checks and moves DataLoader batches; ``val`` is validation data;
+    ``identity`` (JSON-able: method, options, likelihood) is what a checkpoint must match.
 
     Returns a :class:`History`. With validation data, the weights of the best validation epoch
     (of each member, for stacked objectives) are restored at the end.
     """
     device = device or torch.device("cpu")
-    generator = torch.Generator()
-    generator.manual_seed(
-        config.seed if config.seed is not None else int(torch.randint(2**62, ()).item())
-    )
     if isinstance(train, TensorData) and len(train) == 0:
         raise ValueError("the training data is empty; pass at least one example.")
+    state = objective.state()
+    checkpoint = saved = None
+    if config.checkpoint_dir is not None:
+        checkpoint = Checkpoint(
+            config.checkpoint_dir, _run_identity(identity, state, config, train, val), device
+        )
+        if config.resume:
+            saved = checkpoint.load()  # None: no checkpoint yet, start from scratch
+    data_seed = config.seed
+    if data_seed is None:  # a resumed unseeded run keeps its data order and split
+        data_seed = saved.data_seed if saved else int(torch.randint(2**62, ()).item())
+    generator = torch.Generator()
+    generator.manual_seed(data_seed)
     if val is None and config.val_fraction > 0:
         if not isinstance(train, TensorData):
             raise ValueError(
@@ -412,34 +523,40 @@ def fit(
     n_data = len(train) if isinstance(train, TensorData) else len(train.dataset)
 
     params = objective.parameters()
-    state = objective.state()
     optimizer = _make_optimizer(params, config)
     member_decay = (
         _MemberDecay(objective, params, config) if isinstance(config.weight_decay, tuple) else None
     )
     limits = _member_limits(objective, state, config)
-    final = None if limits is None else [t.detach().clone() for t in state]
-    history = History()
-    # Two snapshots guard against divergence: `verified` holds weights whose loss was seen to be
-    # finite, `candidate` the weights at the start of this epoch (verified by its first batch).
-    verified = [t.detach().clone() for t in state]
+    # Two snapshots guard against divergence: `run.verified` holds weights whose loss was seen
+    # to be finite, `candidate` the weights at the start of this epoch (verified by its first
+    # batch).
+    run = LoopState(
+        history=History(),
+        data_seed=data_seed,
+        verified=[t.detach().clone() for t in state],
+        final=None if limits is None else [t.detach().clone() for t in state],
+    )
     candidate = [t.detach().clone() for t in state]
-    verified_epoch = 0
-    best = best_loss = member_best = None
-    since_best = 0
-    bar = _progress(config.epochs, config.progress)
+    if saved is not None:
+        saved.restore(run, objective, optimizer, generator)
+    history = run.history
+    last_epoch = run.epoch if saved is not None and saved.finished else config.epochs
+    bar = _progress(config.epochs, config.progress, run.epoch)
 
     def diverged(epoch: int, restore: list[Tensor], good_epoch: int) -> TrainingDivergedError:
         _copy_into(state, restore)
-        if final is not None and val is None:  # members whose count had ended keep its weights
-            _copy_into(state, final, limits <= good_epoch)
+        if run.final is not None and val is None:  # members whose count had ended keep its weights
+            _copy_into(state, run.final, limits <= good_epoch)
         if bar is not None:
             bar.close()
         objective.train(False)
         return TrainingDivergedError(epoch, good_epoch)
 
     with _seeded(config.seed, device):
-        for epoch in range(1, config.epochs + 1):
+        if saved is not None and config.seed is not None:
+            saved.restore_rng(device)
+        for epoch in range(run.epoch + 1, last_epoch + 1):
             if config.lr_schedule is LRSchedule.COSINE:
                 rate = 0.5 * config.lr * (1 + math.cos(math.pi * (epoch - 1) / config.epochs))
                 for group in optimizer.param_groups:
@@ -457,7 +574,7 @@ def fit(
                 loss = objective.loss(xb, yb, n_data)
                 if first:  # one check per epoch: are this epoch's starting weights good?
                     if not bool(torch.isfinite(loss).all()):
-                        raise diverged(epoch, verified, verified_epoch)
+                        raise diverged(epoch, run.verified, run.verified_epoch)
                     first = False
                 loss.sum().backward()
                 if member_decay is not None:
@@ -469,53 +586,75 @@ def fit(
             epoch_loss = float(total) / max(count, 1)
             if not math.isfinite(epoch_loss) or not _all_finite(state):
                 raise diverged(epoch, candidate, epoch - 1)
-            verified, candidate, verified_epoch = candidate, verified, epoch - 1
+            run.verified, candidate, run.verified_epoch = candidate, run.verified, epoch - 1
             history.train_loss.append(epoch_loss)
             end_epoch = getattr(objective, "end_epoch", None)
             if end_epoch is not None:  # e.g. SWAG collects its moments and sets the SWA rate
                 end_epoch(epoch, optimizer)
-            if final is not None and val is None:  # keep members whose epoch count ends here
+            if run.final is not None and val is None:  # keep members whose count ends here
                 ending = limits == epoch
                 if bool(ending.any()):
-                    _copy_into(final, state, ending)
+                    _copy_into(run.final, state, ending)
 
             if val is not None:
-                objective.train(False)
-                with torch.no_grad():
-                    vl = objective.val_loss(val.x, val.y).detach()
-                history.val_loss.append(float(vl.mean()))
-                if best is None:
-                    best, best_loss = [t.detach().clone() for t in state], vl.clone()
-                    improved = torch.ones_like(vl, dtype=torch.bool)
-                    history.best_epoch = epoch
-                    member_best = torch.full(vl.shape, epoch) if vl.ndim else None
-                else:
-                    improved = vl < best_loss
-                    if limits is not None:  # no member improves after its own epoch count
-                        improved = improved & (limits >= epoch).to(improved.device)
-                    if vl.ndim == 0:
-                        if improved:
-                            _copy_into(best, state)
-                    else:
-                        _copy_into(best, state, improved)
-                        member_best[improved.cpu()] = epoch
-                    best_loss = torch.where(improved, vl, best_loss)
-                    if bool(improved.any()):
-                        history.best_epoch = epoch
-                since_best = 0 if bool(improved.any()) else since_best + 1
+                _track_best(run, objective, state, val, limits, epoch)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{epoch_loss:.4g}")
-            if config.patience is not None and val is not None and since_best >= config.patience:
-                history.stopped_early = True
+            stop = (
+                config.patience is not None
+                and val is not None
+                and run.since_best >= config.patience
+            )
+            history.stopped_early = stop
+            run.epoch = epoch
+            finished = stop or epoch == config.epochs
+            if checkpoint is not None and (finished or epoch % config.checkpoint_every == 0):
+                checkpoint.save(run, objective, optimizer, generator, finished=finished)
+            if stop:
                 break
     if bar is not None:
         bar.close()
-    if final is not None and val is None:
-        _copy_into(state, final)
-    if best is not None:
-        _copy_into(state, best)
-        if member_best is not None:
-            history.member_best_epochs = member_best.tolist()
+    if run.final is not None and val is None:
+        _copy_into(state, run.final)
+    if run.best is not None:
+        _copy_into(state, run.best)
+        if run.member_best is not None:
+            history.member_best_epochs = run.member_best.tolist()
     objective.train(False)
     return history
+
+
+def _track_best(
+    run: LoopState,
+    objective: Objective,
+    state: list[Tensor],
+    val: TensorData,
+    limits: Tensor | None,
+    epoch: int,
+) -> None:
+    """Early stopping's bookkeeping after ``epoch``: the validation loss, the best weights (per
+    member) and the epochs since the last improvement."""
+    objective.train(False)
+    with torch.no_grad():
+        vl = objective.val_loss(val.x, val.y).detach()
+    run.history.val_loss.append(float(vl.mean()))
+    if run.best is None:
+        run.best, run.best_loss = [t.detach().clone() for t in state], vl.clone()
+        improved = torch.ones_like(vl, dtype=torch.bool)
+        run.history.best_epoch = epoch
+        run.member_best = torch.full(vl.shape, epoch) if vl.ndim else None
+    else:
+        improved = vl < run.best_loss
+        if limits is not None:  # no member improves after its own epoch count
+            improved = improved & (limits >= epoch).to(improved.device)
+        if vl.ndim == 0:
+            if improved:
+                _copy_into(run.best, state)
+        else:
+            _copy_into(run.best, state, improved)
+            run.member_best[improved.cpu()] = epoch
+        run.best_loss = torch.where(improved, vl, run.best_loss)
+        if bool(improved.any()):
+            run.history.best_epoch = epoch
+    run.since_best = 0 if bool(improved.any()) else run.since_best + 1

@@ -146,6 +146,17 @@ class Posterior(ABC):
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
         return n_samples
 
+    def options(self) -> dict:
+        """The method's constructor options as plain JSON values: ``type(self)(model,
+        likelihood, **options())`` builds an equal, unfitted posterior (model files record it)."""
+        return {}
+
+    @classmethod
+    def _from_options(cls, model: nn.Module, likelihood: Likelihood, options: dict) -> Posterior:
+        """Build from what :meth:`options` returned (a method whose options are not all plain
+        values, such as a prior object, converts them back here)."""
+        return cls(model, likelihood, **options)
+
     def _extra_state(self) -> dict[str, Tensor]:
         """Tensors of the method's own state; by default the network's state dict."""
         return {f"network.{k}": v for k, v in self.network.state_dict().items()}
@@ -161,7 +172,9 @@ class Posterior(ABC):
 
         Keyword arguments are those of :class:`bayesdl.training.TrainConfig` (``epochs``,
         ``batch_size``, ``lr``, ``weight_decay``, ``optimizer``, ``val_fraction``,
-        ``patience``, ``seed``, ``progress``); ``val_data`` is an optional ``(x, y)`` pair.
+        ``patience``, ``seed``, ``progress``, and ``checkpoint_dir``, ``checkpoint_every``,
+        ``resume`` for checkpoints that a killed fit resumes from); ``val_data`` is an optional
+        ``(x, y)`` pair.
         Returns the :class:`~bayesdl.training.History`. If the loss diverges, a
         :class:`~bayesdl.training.TrainingDivergedError` is raised and the posterior keeps the
         weights of the last good epoch.
@@ -184,7 +197,18 @@ class Posterior(ABC):
             val=val,
             prepare=self._prepare_batch,
             device=self.device,
+            identity=self._identity(),
         )
+
+    def _identity(self) -> dict:
+        """What a checkpoint of this posterior's fit must match to be resumed: the method, its
+        options and the likelihood (the loop adds the shapes of the trained tensors)."""
+        return {
+            "method": self.name,
+            "options": self.options(),
+            "likelihood": self.likelihood.name or type(self.likelihood).__name__,
+            "likelihood_options": self.likelihood.options(),
+        }
 
     def sample_outputs(
         self,

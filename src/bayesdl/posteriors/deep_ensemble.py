@@ -16,6 +16,7 @@ live in :class:`StackedMembers`, which MultiSWAG (:mod:`bayesdl.posteriors.swag`
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import warnings
 
@@ -27,6 +28,10 @@ from bayesdl.posteriors.base import Network, Posterior, register
 from bayesdl.posteriors.stacked import StackedModule
 
 __all__ = ["DeepEnsemble", "StackedMembers"]
+
+
+#: False while a posterior is rebuilt to load saved members into (``_from_options``).
+_FILL_MEMBERS: contextvars.ContextVar[bool] = contextvars.ContextVar("fill", default=True)
 
 
 def _reinitialize(network: Network, seed: int) -> None:
@@ -86,20 +91,67 @@ class StackedMembers(Posterior):
         if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 1:
             raise ValueError(f"n_members must be a positive integer, got {n_members!r}.")
         self.n_members = n_members
-        self.independent_data_order = bool(independent_data_order)
+        for name, flag in (
+            ("independent_data_order", independent_data_order),
+            ("reinitialize", reinitialize),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}.")
+        self.independent_data_order = independent_data_order
         if seed is None:
             seed = int(torch.randint(2**31, ()).item())
-        members = []
-        for m in range(n_members):
-            member = copy.deepcopy(self.network)
-            if reinitialize:
-                _reinitialize(member, seed + m)
-            members.append(member)
-        self._stack = StackedModule.from_copies(members)
+        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}.")
+        #: Seed of the members' initialisations (member ``m`` uses ``seed + m``).
+        self.seed = seed
+        self.reinitialize = reinitialize
+        self._stack = self._stacked_members(n_members, reinitialize, seed)
         self._params = self._stack.params
         self._buffers = self._stack.buffers
-        if reinitialize and n_members > 1:
+        if reinitialize and n_members > 1 and _FILL_MEMBERS.get():
             self._warn_shared_parameters()
+
+    def _stacked_members(self, n_members: int, reinitialize: bool, seed: int) -> StackedModule:
+        """The members' tensors stacked ``(M, ...)``: member ``m`` is the template re-initialised
+        under ``seed + m`` (or the template's own weights), written straight into the stack from
+        one working copy (as ``stack_module_state`` of ``M`` copies gives, at a third of the
+        memory traffic)."""
+        work = copy.deepcopy(self.network)
+        named = [*work.named_parameters(), *work.named_buffers()]
+        stacked = {
+            name: torch.empty((n_members, *t.shape), dtype=t.dtype, device=t.device)
+            for name, t in named
+        }
+        with torch.no_grad():
+            for m in range(n_members if _FILL_MEMBERS.get() else 0):
+                if reinitialize:
+                    _reinitialize(work, seed + m)
+                for name, t in named:
+                    stacked[name][m].copy_(t)
+        params = {
+            name: stacked[name].requires_grad_(p.requires_grad)
+            for name, p in work.named_parameters()
+        }
+        buffers = {name: stacked[name] for name, _ in work.named_buffers()}
+        return StackedModule(work, params, buffers)
+
+    @classmethod
+    def _from_options(cls, model: nn.Module, likelihood: Likelihood, options: dict):
+        # The members' weights come from a file next: the stack is allocated but neither
+        # initialised nor filled (a third of a load's memory traffic for a large ensemble).
+        token = _FILL_MEMBERS.set(False)
+        try:
+            return cls(model, likelihood, **options)
+        finally:
+            _FILL_MEMBERS.reset(token)
+
+    def options(self) -> dict:
+        return {
+            "n_members": self.n_members,
+            "independent_data_order": self.independent_data_order,
+            "reinitialize": self.reinitialize,
+            "seed": self.seed,
+        }
 
     def _warn_shared_parameters(self) -> None:
         resettable = {

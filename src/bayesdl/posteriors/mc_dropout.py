@@ -170,6 +170,9 @@ class MCDropout(Posterior):
             raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}.")
         self.chunk_size = chunk_size
 
+    def options(self) -> dict:
+        return {"expand": self.expand.value, "chunk_size": self.chunk_size}
+
     def _probe_n_samples(self) -> int:
         return 1
 

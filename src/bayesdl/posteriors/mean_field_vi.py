@@ -66,7 +66,7 @@ from bayesdl.posteriors.vi_estimators import (
     SampleWithGaussianKLInto,
 )
 from bayesdl.posteriors.vi_estimators import exp as fast_exp
-from bayesdl.priors import GaussianPrior, Prior
+from bayesdl.priors import GaussianPrior, Prior, prior_from_options
 
 __all__ = ["Estimator", "MeanFieldVI", "TrainingNoise", "VIDiagnostics"]
 
@@ -193,6 +193,7 @@ class MeanFieldVI(Posterior):
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}.")
         self.min_std = float(min_std)
+        self.init_std = float(init_std)
         self.kl_weight = float(kl_weight)
         self.kl_annealing_epochs = kl_annealing_epochs
         self.n_train_samples = n_train_samples
@@ -226,6 +227,30 @@ class MeanFieldVI(Posterior):
         self._stack = StackedModule(self.network, placeholders, buffers)
 
     # ------------------------------------------------------------------ options
+    def options(self) -> dict:
+        return {
+            "prior": {"name": self.prior.name, "options": self.prior.options()},
+            "bayesian": [n.removeprefix("model.") for n in self.bayesian_names],
+            "init_std": self.init_std,
+            "min_std": self.min_std,
+            "estimator": {
+                name.removeprefix("model").removeprefix("."): e.value
+                for name, e in self.estimators.items()
+            },
+            "kl_weight": self.kl_weight,
+            "kl_annealing_epochs": self.kl_annealing_epochs,
+            "n_train_samples": self.n_train_samples,
+            "training_noise": self.training_noise.value,
+            "chunk_size": self.chunk_size,
+        }
+
+    @classmethod
+    def _from_options(cls, model, likelihood, options: dict):
+        prior = options.get("prior")
+        if isinstance(prior, dict):
+            options = {**options, "prior": prior_from_options(prior["name"], prior["options"])}
+        return cls(model, likelihood, **options)
+
     def _resolve_bayesian(self, bayesian: Sequence[str] | None) -> tuple[str, ...]:
         model_params = [n for n, _ in self.network.named_parameters() if n.startswith("model.")]
         if bayesian is None:
@@ -609,3 +634,18 @@ class _VIObjective:
 
     def end_epoch(self, epoch: int, optimizer) -> None:
         self.vi._epoch = epoch + 1
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, Tensor]]:
+        """The epoch counter (KL annealing) and the training noise: the current pool or block
+        and where the next step's window comes from."""
+        vi = self.vi
+        plain = {"epoch": vi._epoch, "offsets": list(vi._offsets), "noise_next": vi._noise_next}
+        return plain, {} if vi._noise is None else {"noise": vi._noise}
+
+    def load_checkpoint_state(self, json_part: dict, tensors: dict[str, Tensor]) -> None:
+        vi = self.vi
+        vi._epoch = int(json_part["epoch"])
+        vi._offsets = [int(o) for o in json_part["offsets"]]
+        vi._noise_next = int(json_part["noise_next"])
+        noise = tensors.get("noise")
+        vi._noise = None if noise is None else noise.to(device=vi.mu.device, dtype=vi.mu.dtype)

@@ -130,6 +130,22 @@ class _SWAGObjective(_EnsembleObjective):
             for group in optimizer.param_groups:
                 group["lr"] = self.plan.lr_for(epoch + 1)
 
+    def checkpoint_state(self) -> tuple[dict, dict[str, Tensor]]:
+        """The moments collected so far (the SWA rate is in the optimiser's state)."""
+        swag = self.ensemble
+        return {}, {
+            "swag.mean": swag._mean,
+            "swag.sum_sq_dev": swag._sum_sq_dev,
+            "swag.iterates": swag._iterates,
+            "swag.n_collected": swag._n,
+        }
+
+    def load_checkpoint_state(self, json_part: dict, tensors: dict[str, Tensor]) -> None:
+        _, own = self.checkpoint_state()
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(tensors[key])
+
 
 @register
 class SWAG(StackedMembers):
@@ -248,6 +264,18 @@ class SWAG(StackedMembers):
         }
         self._bn_inputs: Tensor | DataLoader | None = None
         self._next_run: tuple[_Plan, object] | None = None
+
+    def options(self) -> dict:
+        return {
+            **super().options(),
+            "rank": self.rank,
+            "scale": self.scale,
+            "swa_start": self.swa_start,
+            "swa_lr": self.swa_lr,
+            "swa_schedule": self.swa_schedule.value,
+            "cycle_length": self.cycle_length,
+            "bn_batch_size": self.bn_batch_size,
+        }
 
     # ----------------------------------------------------------------- properties
     @property

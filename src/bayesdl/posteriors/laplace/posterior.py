@@ -145,10 +145,21 @@ class Laplace(Posterior):
         self.prior_grid = tuple(_positive(v, "every prior_grid value") for v in grid)
         output_hessian = curv.OutputHessian(self.likelihood)
         self.selection = select(model, subset, self.hessian)
+        self._subset = subset.value if isinstance(subset, Subset) else subset
         self._public = public_index(self.selection.blocks, self.selection.names)
         self._curvature: Curvature | None = None
         self._log_likelihood: Tensor | None = None
         self._net = LinearizedNetwork(model, self.selection, self.hessian, output_hessian)
+
+    def options(self) -> dict:
+        return {
+            "subset": self._subset if isinstance(self._subset, str) else list(self._subset),
+            "hessian": self.hessian.value,
+            "prior_precision": self._prior_precision,
+            "prior_fit": self.prior_fit.value,
+            "predictive": self.predictive.value,
+            "prior_grid": list(self.prior_grid),
+        }
 
     # ----------------------------------------------------------------- properties
     @property
