@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+import bayesdl as bdl
 from bayesdl.posteriors.mc_dropout import keep_probability
 from bayesdl.posteriors.stacked import StackedModule
 
@@ -210,3 +211,46 @@ def test_sampled_tensors_replace_the_stored_ones():
     for i in range(3):
         member = {k: t[i] for k, t in zip(stack.names, drawn, strict=True)}
         torch.testing.assert_close(out[i], functional_call(template, member, (x,)))
+
+
+def test_meta_copy_keeps_structure_and_ties_and_is_independent():
+    from bayesdl.posteriors.stacked import meta_copy
+
+    shared = nn.Linear(3, 3)
+    net = nn.Sequential(shared, nn.ReLU(), nn.BatchNorm1d(3), shared)
+    copy_ = meta_copy(net)
+    assert [n for n, _ in copy_.named_parameters()] == [n for n, _ in net.named_parameters()]
+    assert all(p.device.type == "meta" for p in (*copy_.parameters(), *copy_.buffers()))
+    assert copy_[0] is copy_[3] and copy_[0].weight is copy_[3].weight  # the tie survives
+    assert all(p.device.type == "cpu" for p in net.parameters())  # the original is untouched
+    copy_[0].register_forward_hook(lambda *args: None)
+    copy_.train(False)
+    assert not net[0]._forward_hooks and net.training and not copy_.training
+
+
+def test_loaded_ensemble_trains_on_like_the_original(tmp_path, classification_data):
+    x, y = classification_data
+    post = bdl.DeepEnsemble(bdl.models.mlp(4, 3, hidden=(8,)), "categorical", n_members=3, seed=0)
+    post.fit((x, y), epochs=2, batch_size=16, seed=0)
+    bdl.save(post, tmp_path / "m.safetensors")
+    loaded = bdl.load(tmp_path / "m.safetensors")
+    # the file's tensors became the members' storage: no placeholder is left
+    assert all(0 not in t.stride() for t in loaded.state_dict().values() if t.numel() > 1)
+    post.fit((x, y), epochs=2, batch_size=16, seed=1)
+    loaded.fit((x, y), epochs=2, batch_size=16, seed=1)
+    for key, value in post.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_load_state_dict_assign_takes_the_tensors():
+    x = torch.randn(5, 3)
+    post = bdl.DeepEnsemble(_mlp(), "categorical", n_members=2, seed=0)
+    state = {k: v.clone() for k, v in post.state_dict().items()}
+    other = bdl.DeepEnsemble(_mlp(), "categorical", n_members=2, seed=5)
+    other.load_state_dict(state, assign=True)
+    key = next(k for k in state if k.startswith("members.params."))
+    assert other.state_dict()[key].data_ptr() == state[key].data_ptr()
+    copied = bdl.DeepEnsemble(_mlp(), "categorical", n_members=2, seed=5)
+    copied.load_state_dict(state)
+    assert copied.state_dict()[key].data_ptr() != state[key].data_ptr()
+    assert torch.equal(copied.predict(x).probs, other.predict(x).probs)

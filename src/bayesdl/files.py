@@ -135,19 +135,62 @@ def read_file(
 ) -> tuple[dict, dict[str, Tensor]]:
     """The header and tensors of a ``kind`` file written by :func:`write_file`, verified.
 
-    Raises ``FileNotFoundError`` for a missing path and :class:`ModelFileError` for anything
-    else that is wrong with the file.
+    A file replaced by another process while it is read (a checkpoint being polled) is read
+    again. Raises ``FileNotFoundError`` for a missing path and :class:`ModelFileError` for
+    anything else that is wrong with the file.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")
     what = "model file" if kind == "model" else kind
+    for _ in range(_ATTEMPTS):
+        before = _identity(path)
+        meta, tensors = _read_verified(path, kind, what)
+        if meta is not None:
+            break
+        if _identity(path) == before:  # not replaced while it was read: damaged
+            _damaged(path)
+    else:  # replaced by another process during every attempt
+        _damaged(path)
+    if torch.device(device).type != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return meta, tensors
+
+
+#: Reads of a file that another process keeps replacing (a checkpoint being polled).
+_ATTEMPTS = 5
+
+
+def _identity(path: str) -> tuple | None:
     try:
-        with _open(safe_open, path) as f:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+
+
+def _damaged(path: str):
+    raise ModelFileError(
+        f"{path!r} is damaged: its checksum does not match its contents (bits changed after it "
+        "was written). Save it again from the fitted model, or copy it again."
+    )
+
+
+def _read_verified(path: str, kind: str, what: str):
+    """One read of the file: ``(header, tensors)``, or ``(None, None)`` when the checksum does
+    not match (the caller tells a damaged file from one replaced while it was read).
+
+    The tensors are copied out of safetensors' memory map at once, into memory of their own:
+    a map of a file that another process replaces was seen, on this project's CI machines, to
+    show the new file's bytes under the old file's header, so only the copies are checked and
+    returned.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
             raw = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError, MemoryError) as err:
         raise ModelFileError(
             f"{path!r} is not a readable safetensors file ({_first_line(err)}); it may be "
@@ -190,26 +233,9 @@ def read_file(
         )
     stored = meta.pop("checksum", None)
     if meta.get("tensors") != _table(tensors) or stored != _checksum(meta, tensors):
-        raise ModelFileError(
-            f"{path!r} is damaged: its checksum does not match its contents (bits changed "
-            "after it was written). Save it again from the fitted model, or copy it again."
-        )
+        return None, None
     del meta["tensors"]
-    if torch.device(device).type != "cpu":
-        tensors = {k: v.to(device) for k, v in tensors.items()}
     return meta, tensors
-
-
-def _open(safe_open, path: str):
-    """``safe_open`` reading with ``pread`` where safetensors can (0.8 and newer): a memory map
-    of a file that another process replaces at that moment was seen, on this project's CI
-    machines, to mix the old file's header with the new file's tensors (2% of reads while a
-    checkpoint was rewritten in a loop; none with pread). The tensors are then our own memory,
-    not a view of the file."""
-    try:
-        return safe_open(path, framework="pt", device="cpu", backend="pread")
-    except TypeError:  # an older safetensors without the backend option
-        return safe_open(path, framework="pt", device="cpu")
 
 
 def _first_line(err: BaseException) -> str:

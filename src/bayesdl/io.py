@@ -20,7 +20,6 @@ problem with a file raises :class:`~bayesdl.files.ModelFileError`.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import warnings
@@ -38,6 +37,7 @@ from bayesdl.files import ModelFileError, read_file, write_file
 from bayesdl.likelihoods import likelihood_from_options
 from bayesdl.models import build, spec_of
 from bayesdl.posteriors.base import _INPUT_SHAPE_KEY, Posterior, get_posterior
+from bayesdl.posteriors.stacked import meta_copy
 from bayesdl.posteriors.wrapper import PosteriorWrapper, check_posterior
 
 __all__ = ["ModelFileError", "ModelInfo", "inspect", "load", "save"]
@@ -334,7 +334,7 @@ def load(
         ) from None
     # First on the meta device (no memory): the posterior the header describes must have the
     # file's tensors, shape for shape, before anything the header sizes is allocated.
-    meta = _meta_copy(model) if model is not None else _network(info, path, "meta")
+    meta = meta_copy(model) if model is not None else _network(info, path, "meta")
     _check_state(_posterior(cls, meta, info, path), state, info, path)
     if model is None:
         device = torch.device("cpu") if map_location is None else torch.device(map_location)
@@ -352,7 +352,7 @@ def load(
     posterior = _posterior(cls, model, info, path)
     state = {k: v.to(device) for k, v in state.items()}
     try:
-        posterior.load_state_dict(state)
+        posterior.load_state_dict(state, assign=True)  # the tensors are this call's own
     except (ValueError, RuntimeError, TypeError) as err:
         raise ModelFileError(f"{path!r} does not fit this module: {err}") from None
     result: Posterior | PosteriorWrapper = posterior
@@ -377,16 +377,6 @@ def _network(info: ModelInfo, path: str, device) -> nn.Module:
             f"{path!r} describes a network this bayesdl cannot build ({info.network}): "
             f"{_first_line(err)}"
         ) from None
-
-
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` on the meta device, without copying its data."""
-    memo: dict[int, object] = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = b.to("meta")
-    return copy.deepcopy(model, memo)
 
 
 def _posterior(cls: type[Posterior], model: nn.Module, info: ModelInfo, path: str) -> Posterior:

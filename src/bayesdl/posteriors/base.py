@@ -258,10 +258,17 @@ class Posterior(ABC):
             state[_INPUT_SHAPE_KEY] = torch.tensor(self.input_shape, dtype=torch.long)
         return state
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load what :meth:`state_dict` returned (from a posterior built the same way)."""
+    def load_state_dict(self, state: dict[str, Tensor], *, assign: bool = False) -> None:
+        """Load what :meth:`state_dict` returned (from a posterior built the same way).
+
+        With ``assign=True`` (as ``nn.Module.load_state_dict``'s), methods that can take the
+        given tensors as their own storage instead of copying them (the stacked members of
+        deep ensembles and SWAG): faster for large states; the tensors must not be used
+        elsewhere afterwards.
+        """
         state = dict(state)
         shape = state.pop(_INPUT_SHAPE_KEY, None)
+        self._assigning = assign
         try:
             self._load_extra_state(state)
         except RuntimeError as err:
@@ -269,7 +276,22 @@ class Posterior(ABC):
                 f"this state does not fit {type(self).__name__} on this model: {err}. Build the "
                 "posterior with the same module and options as the one that was saved."
             ) from None
+        finally:
+            self._assigning = False
         self.input_shape = None if shape is None else tuple(int(s) for s in shape)
+
+    _assigning = False
+
+    def _take(self, target: Tensor, source: Tensor) -> None:
+        """Load ``source`` into ``target`` (same shape): a copy, or with ``assign`` (see
+        :meth:`load_state_dict`) ``source`` itself as ``target``'s storage (converted to its
+        dtype and device where they differ)."""
+        placeholder = target.numel() > 1 and 0 in target.stride()  # see StackedMembers
+        with torch.no_grad():
+            if self._assigning or placeholder:
+                target.set_(source.to(dtype=target.dtype, device=target.device).contiguous())
+            else:
+                target.copy_(source)
 
     # ----------------------------------------------------------------- boundary helpers
     def _training_data(self, data):

@@ -116,14 +116,16 @@ class StackedMembers(Posterior):
         under ``seed + m`` (or the template's own weights), written straight into the stack from
         one working copy (as ``stack_module_state`` of ``M`` copies gives, at a third of the
         memory traffic)."""
-        work = copy.deepcopy(self.network)
+        fill = _FILL_MEMBERS.get()
+        # A working copy only where members are re-initialised; else the template is read only.
+        work = copy.deepcopy(self.network) if fill and reinitialize else self.network
         named = [*work.named_parameters(), *work.named_buffers()]
         stacked = {
-            name: torch.empty((n_members, *t.shape), dtype=t.dtype, device=t.device)
+            name: self._member_tensor((n_members, *t.shape), t.dtype, t.device, torch.empty)
             for name, t in named
         }
         with torch.no_grad():
-            for m in range(n_members if _FILL_MEMBERS.get() else 0):
+            for m in range(n_members if fill else 0):
                 if reinitialize:
                     _reinitialize(work, seed + m)
                 for name, t in named:
@@ -135,10 +137,19 @@ class StackedMembers(Posterior):
         buffers = {name: stacked[name] for name, _ in work.named_buffers()}
         return StackedModule(work, params, buffers)
 
+    @staticmethod
+    def _member_tensor(shape: tuple[int, ...], dtype, device, make=torch.zeros) -> Tensor:
+        """A tensor of the members' state, ``make(shape)``; while the posterior is rebuilt to
+        load saved members (``_from_options``), a placeholder without memory of that size (all
+        strides 0), which loading replaces by the saved tensor itself."""
+        if _FILL_MEMBERS.get():
+            return make(shape, dtype=dtype, device=device)
+        return torch.empty_strided(shape, [0] * len(shape), dtype=dtype, device=device)
+
     @classmethod
     def _from_options(cls, model: nn.Module, likelihood: Likelihood, options: dict):
-        # The members' weights come from a file next: the stack is allocated but neither
-        # initialised nor filled (a third of a load's memory traffic for a large ensemble).
+        # The members' state comes from a file next: placeholders instead of initialised,
+        # filled tensors (the file's tensors become the state: no memory is allocated twice).
         token = _FILL_MEMBERS.set(False)
         try:
             return cls(model, likelihood, **options)
@@ -229,9 +240,10 @@ class StackedMembers(Posterior):
                 raise RuntimeError(
                     f"{key} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}"
                 )
-        with torch.no_grad():
-            for key, target in own.items():
-                target.copy_(state[key])
+        # The live tensors (``own`` holds detached aliases of the parameters), for assign.
+        live = {f"members.params.{k}": v for k, v in self._params.items()}
+        for key, target in own.items():
+            self._take(live.get(key, target), state[key])
 
 
 @register

@@ -250,9 +250,9 @@ class SWAG(StackedMembers):
             offset += p[0].numel()
         like = {"dtype": self.dtype, "device": self.device}
         m = self.n_members
-        self._mean = torch.zeros(m, offset, **like)
-        self._sum_sq_dev = torch.zeros(m, offset, **like)
-        self._iterates = torch.zeros(m, rank, offset, **like)
+        self._mean = self._member_tensor((m, offset), **like)
+        self._sum_sq_dev = self._member_tensor((m, offset), **like)
+        self._iterates = self._member_tensor((m, rank, offset), **like)
         self._n = torch.zeros((), dtype=torch.long, device=self.device)
         self._fitted = torch.zeros((), dtype=torch.bool, device=self.device)
         # BatchNorm layers with running statistics: their buffers are recomputed per draw.
