@@ -64,7 +64,9 @@ class ModelInfo:
         the user's own (then ``network_class`` names it, and loading needs ``model=``).
     dtype: the floating type of the weights.
     input_shape: shape of one input example ``(F,)`` or ``(C, H, W)``...; ``None`` if never fitted.
-    output_width: width ``K`` of the network's outputs (``None`` when the input shape is).
+    output_width: width ``K`` of the likelihood's natural parameters, the last axis of
+        ``sample_outputs`` (logits: the classes; Gaussians: ``2 * n_targets``, also for a
+        homoscedastic network that outputs only the means); ``None`` when the input shape is.
     wrappers: ``[(name, options), ...]`` from the outside in (``"conformal"``, ``"calibration"``).
     feature_names: names of the input columns, if given to :func:`save`.
     standardizer: the input/target standardisation, if given to :func:`save`.
