@@ -216,6 +216,21 @@ def test_own_module_round_trip(method, tmp_path):
         bdl.load(path, model=TwoLayerNet(hidden=8))
 
 
+def test_a_refused_file_leaves_the_given_module_as_it_was(tmp_path):
+    post = _fit("mc_dropout", "categorical", model=TwoLayerNet())
+    src, path = tmp_path / "own.safetensors", tmp_path / "edited.safetensors"
+    bdl.save(post, src)
+    _rewrite(src, path, lambda h: h["wrappers"].append({"name": "mystery", "options": {}}))
+    module = TwoLayerNet().double()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(bdl.ModelFileError, match="mystery"):
+        bdl.load(path, model=module)
+    after = module.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+    loaded = bdl.load(src, model=module)  # the valid file: the module takes its dtype
+    assert loaded.dtype == torch.float32 and module.head.weight.dtype == torch.float32
+
+
 def test_load_rejects_a_non_module(saved):
     with pytest.raises(TypeError, match="Module"):
         bdl.load(saved["mc_dropout", "categorical"][1], model="TwoLayerNet")

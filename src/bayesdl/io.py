@@ -335,9 +335,12 @@ def load(
             "newer."
         ) from None
     # First on the meta device (no memory): the posterior the header describes must have the
-    # file's tensors, shape for shape, before anything the header sizes is allocated.
-    meta = meta_copy(model) if model is not None else _network(info, path, "meta")
-    _check_state(_posterior(cls, meta, info, path), state, info, path)
+    # file's tensors, shape for shape, before anything the header sizes is allocated, and its
+    # wrappers must build too, so that a file refused leaves a given module as it was.
+    meta = _network(info, path, "meta") if model is None else meta_copy(model).to(info.dtype)
+    meta_posterior = _posterior(cls, meta, info, path)
+    _check_state(meta_posterior, state, info, path)
+    _wrapped(meta_posterior, info, path)
     if model is None:
         device = torch.device("cpu") if map_location is None else torch.device(map_location)
         # Built without initialising (the file's weights come next): zeroed memory.
@@ -357,6 +360,11 @@ def load(
         posterior.load_state_dict(state, assign=True)  # the tensors are this call's own
     except (ValueError, RuntimeError, TypeError) as err:
         raise ModelFileError(f"{path!r} does not fit this module: {err}") from None
+    return _wrapped(posterior, info, path)
+
+
+def _wrapped(posterior: Posterior, info: ModelInfo, path: str) -> Posterior | PosteriorWrapper:
+    """``posterior`` in the wrappers the header lists, from the inside out."""
     result: Posterior | PosteriorWrapper = posterior
     for name, options in reversed(info.wrappers):
         if name not in _WRAPPERS:
