@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from bayesdl.files import ModelFileError, read_file, write_file
+from bayesdl.files import ModelFileError, dtype_name, read_file, write_file
 
 if TYPE_CHECKING:
     from bayesdl.training import History, Objective
@@ -251,7 +251,7 @@ class SavedRun:
 
 def tensor_signature(t: Tensor) -> str:
     """``"float32[16, 4]"``: what a checkpoint records of a state tensor."""
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+    return f"{dtype_name(t.dtype)}{list(t.shape)}"
 
 
 def _put(tensors: dict[str, Tensor], prefix: str, values: list[Tensor]) -> None:

@@ -81,7 +81,8 @@ def _umask() -> int:
     return mask
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"float32"`` for ``torch.float32``: how files name dtypes."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -106,7 +107,7 @@ def _checksum(header: Mapping, tensors: Mapping[str, Tensor]) -> str:
 
 
 def _table(tensors: Mapping[str, Tensor]) -> dict[str, list]:
-    return {k: [_dtype_name(v.dtype), list(v.shape)] for k, v in sorted(tensors.items())}
+    return {k: [dtype_name(v.dtype), list(v.shape)] for k, v in sorted(tensors.items())}
 
 
 def write_file(path: str | os.PathLike, kind: str, header: dict, tensors: Mapping[str, Tensor]):
@@ -193,7 +194,7 @@ def _read_verified(path: str, kind: str, what: str):
             tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError, MemoryError) as err:
         raise ModelFileError(
-            f"{path!r} is not a readable safetensors file ({_first_line(err)}); it may be "
+            f"{path!r} is not a readable safetensors file ({first_line(err)}); it may be "
             f"truncated or damaged, or not a bayesdl {what}. Save it again from the fitted "
             "model, or copy it again."
         ) from None
@@ -238,6 +239,7 @@ def _read_verified(path: str, kind: str, what: str):
     return meta, tensors
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

@@ -33,7 +33,7 @@ from bayesdl._version import __version__
 from bayesdl.calibration import CalibratedPosterior
 from bayesdl.conformal import ConformalPredictor
 from bayesdl.data.uci import Standardizer
-from bayesdl.files import ModelFileError, read_file, write_file
+from bayesdl.files import ModelFileError, dtype_name, first_line, read_file, write_file
 from bayesdl.likelihoods import likelihood_from_options
 from bayesdl.models import build, spec_of
 from bayesdl.posteriors.base import _INPUT_SHAPE_KEY, Posterior, get_posterior
@@ -137,7 +137,7 @@ def save(
         "likelihood_options": inner.likelihood.options(),
         "network": spec_of(inner.model),
         "network_class": f"{type(inner.model).__module__}.{type(inner.model).__qualname__}",
-        "dtype": str(inner.dtype).removeprefix("torch."),
+        "dtype": dtype_name(inner.dtype),
         "input_shape": None if shape is None else list(shape),
         "output_width": None if shape is None else _output_width(inner, shape),
         "wrappers": wrappers,
@@ -215,9 +215,9 @@ def _int_list(value, key: str, path: str) -> tuple[int, ...]:
 def _read(path: str | os.PathLike) -> tuple[ModelInfo, dict[str, Tensor]]:
     header, tensors = read_file(path, "model")
     path = os.fspath(path)
-    dtype_name = _field(header, "dtype", str, path)
-    if dtype_name not in _DTYPES:
-        raise ModelFileError(f"{path!r} names an unknown dtype {dtype_name!r}.")
+    dtype_text = _field(header, "dtype", str, path)
+    if dtype_text not in _DTYPES:
+        raise ModelFileError(f"{path!r} names an unknown dtype {dtype_text!r}.")
     shape = header.get("input_shape")
     shape = None if shape is None else _int_list(shape, "input_shape", path)
     wrappers = _field(header, "wrappers", list, path)
@@ -262,7 +262,7 @@ def _read(path: str | os.PathLike) -> tuple[ModelInfo, dict[str, Tensor]]:
         likelihood_options=_field(header, "likelihood_options", dict, path),
         network=_field(header, "network", dict, path, optional=True),
         network_class=_field(header, "network_class", str, path),
-        dtype=_DTYPES[dtype_name],
+        dtype=_DTYPES[dtype_text],
         input_shape=shape,
         output_width=width,
         wrappers=tuple((w["name"], w["options"]) for w in wrappers),
@@ -343,8 +343,9 @@ def load(
     _wrapped(meta_posterior, info, path)
     if model is None:
         device = torch.device("cpu") if map_location is None else torch.device(map_location)
-        # Built without initialising (the file's weights come next): zeroed memory.
-        model = _network(info, path, "meta").to_empty(device=device)
+        # The checked network itself, given memory (constructing a posterior leaves its module
+        # as it was); zeroed, since the file's weights come next.
+        model = meta.to_empty(device=device)
         with torch.no_grad():
             for tensor in (*model.parameters(), *model.buffers()):
                 tensor.zero_()
@@ -385,7 +386,7 @@ def _network(info: ModelInfo, path: str, device) -> nn.Module:
     except (TypeError, ValueError, RuntimeError, OverflowError) as err:
         raise ModelFileError(
             f"{path!r} describes a network this bayesdl cannot build ({info.network}): "
-            f"{_first_line(err)}"
+            f"{first_line(err)}"
         ) from None
 
 
@@ -409,7 +410,7 @@ def _posterior(cls: type[Posterior], model: nn.Module, info: ModelInfo, path: st
     except (TypeError, ValueError, KeyError, RuntimeError, OverflowError, MemoryError) as err:
         raise ModelFileError(
             f"{path!r}: cannot build the {info.method} posterior on this module with the saved "
-            f"options {info.method_options}: {_first_line(err)}"
+            f"options {info.method_options}: {first_line(err)}"
         ) from None
 
 
@@ -423,7 +424,8 @@ def _check_state(posterior: Posterior, state: dict[str, Tensor], info: ModelInfo
         if k in state and (tuple(state[k].shape) != tuple(v.shape) or state[k].dtype != v.dtype):
             file, module = tuple(state[k].shape), tuple(v.shape)
             if state[k].dtype != v.dtype:
-                file, module = f"{file} {_dtype(state[k])}", f"{module} {_dtype(v)}"
+                file = f"{file} {dtype_name(state[k].dtype)}"
+                module = f"{module} {dtype_name(v.dtype)}"
             bad.append(f"{k.removeprefix('network.')}: file {file}, module {module}")
     if bad or missing:
         shown = "; ".join(bad[:8]) + ("; ..." if len(bad) > 8 else "")
@@ -438,12 +440,3 @@ def _check_state(posterior: Posterior, state: dict[str, Tensor], info: ModelInfo
         saved.dtype != torch.long or saved.ndim != 1 or tuple(saved.tolist()) != info.input_shape
     ):
         raise ModelFileError(f"{path!r} is damaged: its input shapes disagree.")
-
-
-def _dtype(t: Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

@@ -118,7 +118,7 @@ class ScaleMixturePrior(Prior):
         return log_q - self.log_prob(w)
 
 
-_PRIORS: dict[str, type[Prior]] = {"gaussian": GaussianPrior, "scale_mixture": ScaleMixturePrior}
+_PRIORS: dict[str, type[Prior]] = {c.name: c for c in (GaussianPrior, ScaleMixturePrior)}
 
 
 def prior_from_options(name: str, options: dict) -> Prior:
