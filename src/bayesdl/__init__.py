@@ -7,7 +7,7 @@
 >>> pred.probs.shape, pred.epistemic.shape                  # doctest: +SKIP
 """
 
-from bayesdl import models
+from bayesdl import decisions, models
 from bayesdl._version import __version__
 from bayesdl.files import ModelFileError
 from bayesdl.io import ModelInfo, inspect, load, save
@@ -57,6 +57,7 @@ __all__ = [
     "TrainingDivergedError",
     "__version__",
     "available_posteriors",
+    "decisions",
     "get_likelihood",
     "get_posterior",
     "inspect",

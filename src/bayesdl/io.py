@@ -33,6 +33,7 @@ from bayesdl._version import __version__
 from bayesdl.calibration import CalibratedPosterior
 from bayesdl.conformal import ConformalPredictor
 from bayesdl.data.uci import Standardizer
+from bayesdl.decisions import OODGate, Referral
 from bayesdl.files import ModelFileError, dtype_name, first_line, read_file, write_file
 from bayesdl.likelihoods import likelihood_from_options
 from bayesdl.models import build, spec_of
@@ -43,7 +44,7 @@ from bayesdl.posteriors.wrapper import PosteriorWrapper, check_posterior
 __all__ = ["ModelFileError", "ModelInfo", "inspect", "load", "save"]
 
 _WRAPPERS: dict[str, type[PosteriorWrapper]] = {
-    c.wrapper_name: c for c in (CalibratedPosterior, ConformalPredictor)
+    c.wrapper_name: c for c in (CalibratedPosterior, ConformalPredictor, Referral, OODGate)
 }
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPES |= {"float32": torch.float32, "float64": torch.float64}
@@ -67,7 +68,8 @@ class ModelInfo:
     output_width: width ``K`` of the likelihood's natural parameters, the last axis of
         ``sample_outputs`` (logits: the classes; Gaussians: ``2 * n_targets``, also for a
         homoscedastic network that outputs only the means); ``None`` when the input shape is.
-    wrappers: ``[(name, options), ...]`` from the outside in (``"conformal"``, ``"calibration"``).
+    wrappers: ``[(name, options), ...]`` from the outside in (``"referral"``,
+        ``"ood_gate"``, ``"conformal"``, ``"calibration"``).
     feature_names: names of the input columns, if given to :func:`save`.
     standardizer: the input/target standardisation, if given to :func:`save`.
     library_version, format_version: who wrote the file, in which layout.
