@@ -40,6 +40,7 @@ from bayesdl.models import build, spec_of
 from bayesdl.posteriors.base import _INPUT_SHAPE_KEY, Posterior, get_posterior
 from bayesdl.posteriors.stacked import meta_copy
 from bayesdl.posteriors.wrapper import PosteriorWrapper, check_posterior
+from bayesdl.tabular import TabularPipeline
 
 __all__ = ["ModelFileError", "ModelInfo", "inspect", "load", "save"]
 
@@ -72,6 +73,8 @@ class ModelInfo:
         ``"ood_gate"``, ``"conformal"``, ``"calibration"``).
     feature_names: names of the input columns, if given to :func:`save`.
     standardizer: the input/target standardisation, if given to :func:`save`.
+    pipeline: the :class:`~bayesdl.tabular.TabularPipeline` that encodes raw table columns
+        into the model's inputs (the command line's models), if given to :func:`save`.
     library_version, format_version: who wrote the file, in which layout.
     """
 
@@ -88,6 +91,7 @@ class ModelInfo:
     wrappers: tuple[tuple[str, dict], ...]
     feature_names: tuple[str, ...] | None
     standardizer: Standardizer | None
+    pipeline: TabularPipeline | None
     library_version: str
     format_version: int
 
@@ -99,6 +103,7 @@ def save(
     *,
     feature_names: Sequence[str] | None = None,
     standardizer: Standardizer | None = None,
+    pipeline: TabularPipeline | None = None,
 ) -> None:
     """Write a fitted posterior (or a calibrated / conformal one) to ``path``, atomically.
 
@@ -116,6 +121,10 @@ def save(
     standardizer:
         A :class:`~bayesdl.data.Standardizer` the inputs were standardised with before fitting;
         recorded, not applied (see :class:`ModelInfo`).
+    pipeline:
+        A :class:`~bayesdl.tabular.TabularPipeline` whose encoded features are the model's
+        inputs; recorded so that the file predicts from raw tables (``bayesdl predict``). The
+        feature names default to its encoded features' names.
     """
     check_posterior(posterior)
     wrappers = []
@@ -129,6 +138,21 @@ def save(
             f"{type(inner.likelihood).__name__}. Save its state_dict() yourself instead."
         )
     shape = inner.input_shape
+    if pipeline is not None:
+        if not isinstance(pipeline, TabularPipeline):
+            raise TypeError(
+                "pipeline must be a bayesdl.tabular.TabularPipeline, got "
+                f"{type(pipeline).__name__}."
+            )
+        if pipeline.task != inner.task:
+            raise ValueError(f"the pipeline is for {pipeline.task} but the model for {inner.task}.")
+        if shape is not None and tuple(shape) != (pipeline.n_features,):
+            raise ValueError(
+                f"the pipeline encodes {pipeline.n_features} features but the model takes inputs "
+                f"of shape {tuple(shape)}."
+            )
+        if feature_names is None:
+            feature_names = pipeline.feature_names
     tensors = {_STATE + k: v for k, v in inner.state_dict().items()}
     header = {
         "library_version": __version__,
@@ -145,6 +169,7 @@ def save(
         "wrappers": wrappers,
         "feature_names": _feature_names(feature_names, shape),
         "standardization": None,
+        "pipeline": None if pipeline is None else pipeline.to_json(),
     }
     if standardizer is not None:
         header["standardization"] = _standardization(standardizer, shape)
@@ -253,6 +278,12 @@ def _read(path: str | os.PathLike) -> tuple[ModelInfo, dict[str, Tensor]]:
         ):
             raise ModelFileError(f"{path!r} has a bad standardisation entry.")
         standardizer = Standardizer(x_mean, x_std, float(y_mean), float(y_std))
+    pipeline = header.get("pipeline")
+    if pipeline is not None:
+        try:
+            pipeline = TabularPipeline.from_json(pipeline)
+        except ValueError as err:
+            raise ModelFileError(f"{path!r} has a bad 'pipeline' entry: {err}") from None
     width = header.get("output_width")
     if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width < 1):
         raise ModelFileError(f"the header of {path!r} has a bad 'output_width' ({width!r}).")
@@ -270,6 +301,7 @@ def _read(path: str | os.PathLike) -> tuple[ModelInfo, dict[str, Tensor]]:
         wrappers=tuple((w["name"], w["options"]) for w in wrappers),
         feature_names=None if names is None else tuple(names),
         standardizer=standardizer,
+        pipeline=pipeline,
         library_version=_field(header, "library_version", str, path),
         format_version=_field(header, "format_version", int, path),
     )
