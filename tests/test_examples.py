@@ -13,7 +13,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def test_every_example_is_covered():
-    assert {p.name for p in EXAMPLES.glob("*.py")} == {"regression_intervals.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == {
+        "medical_referral.py",
+        "regression_intervals.py",
+    }
 
 
 def test_regression_intervals(monkeypatch, capsys):

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from bayesdl.commands import COMMANDS, add_subcommands, run
 from bayesdl.posteriors import available_posteriors
 
 __all__ = ["main"]
@@ -21,23 +22,46 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value:g}")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayesdl",
         description="Bayesian deep learning for any PyTorch module: uncertainty you can act on.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_subcommands(sub)
 
     demo = sub.add_parser(
         "demo",
-        help="train deterministic, MC dropout and deep ensemble nets on digits 0-4 and show "
-        "them unseen digits 5-9",
+        help="train deterministic, MC dropout and deep ensemble nets on digits 0-4, show them "
+        "unseen digits 5-9 and shifted or random images, and fit a referral rule",
     )
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
     demo.add_argument("--epochs", type=_positive_int, default=60)
     demo.add_argument("--members", type=_positive_int, default=5, help="ensemble size")
     demo.add_argument("--samples", type=_positive_int, default=100, help="MC dropout draws")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--target-risk",
+        type=_fraction,
+        default=0.02,
+        help="referral: error rate allowed among accepted cases (default 0.02)",
+    )
+    demo.add_argument(
+        "--delta",
+        type=_fraction,
+        default=0.1,
+        help="referral: allowed probability that the guarantee fails (default 0.1)",
+    )
     demo.add_argument(
         "--plots",
         metavar="DIR",
@@ -51,13 +75,20 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command in COMMANDS:
+        return run(args)
     if args.command == "methods":
         print("\n".join(available_posteriors()))
         return 0
     from bayesdl.demo import DemoConfig, format_table, result_json, run_demo
 
     config = DemoConfig(
-        epochs=args.epochs, n_members=args.members, n_samples=args.samples, seed=args.seed
+        epochs=args.epochs,
+        n_members=args.members,
+        n_samples=args.samples,
+        seed=args.seed,
+        target_risk=args.target_risk,
+        delta=args.delta,
     )
     result = run_demo(config, plots_dir=args.plots)
     print(result_json(result) if args.json else format_table(result))

@@ -15,18 +15,36 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from bayesdl.data.digits import DigitsOOD, load_digits_ood
+from bayesdl.data.mnist import (
+    MNISTFormatError,
+    blur,
+    contrast,
+    gaussian_kernel,
+    gaussian_noise,
+    load_mnist,
+    load_mnist_idx,
+    rotate,
+)
 from bayesdl.data.uci import Standardizer, UCIDataset, UCISplit, load_uci
 
 __all__ = [
     "DigitsOOD",
+    "MNISTFormatError",
     "Standardizer",
     "TensorData",
     "UCIDataset",
     "UCISplit",
     "as_inputs",
     "as_training_data",
+    "blur",
+    "contrast",
+    "gaussian_kernel",
+    "gaussian_noise",
     "load_digits_ood",
+    "load_mnist",
+    "load_mnist_idx",
     "load_uci",
+    "rotate",
 ]
 
 

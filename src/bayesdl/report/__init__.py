@@ -4,6 +4,7 @@ This package is a face of the library (it imports matplotlib); nothing in the co
 See :mod:`bayesdl.report.plots`.
 """
 
+from bayesdl.report.html import evaluation_report
 from bayesdl.report.plots import (
     plot_epistemic_histograms,
     plot_regression_calibration,
@@ -13,6 +14,7 @@ from bayesdl.report.plots import (
 )
 
 __all__ = [
+    "evaluation_report",
     "plot_epistemic_histograms",
     "plot_regression_calibration",
     "plot_regression_intervals",
