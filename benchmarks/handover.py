@@ -47,9 +47,7 @@ into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -63,6 +61,7 @@ import bayesdl as bdl
 from bayesdl.data.mnist import blur, contrast, gaussian_noise, load_mnist, rotate
 from bayesdl.decisions import OODGate, binomial_cdf, uncertainty_score
 from bayesdl.metrics import ood_auroc
+from benchmarks._results import environment, write_results
 
 __all__ = [
     "QUICK",
@@ -549,16 +548,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "quick": args.quick,
         "config": asdict(config),
         "data_source": str(args.data),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
+        **environment(),
         **run(x, y, config, log),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "handover_mnist_quick" if args.quick else "handover_mnist"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, args.out / f"{stem}.md")
-    log(f"wrote {args.out / stem}.json and .md ({results['seconds']['total']:.0f} s)")
+    write_results(results, args.out, stem, write_markdown, log)
     return results
 
 

@@ -61,9 +61,7 @@ about the method. It writes ``referral_breast_cancer.json`` and ``.md``
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -77,6 +75,7 @@ from torch import Tensor
 import bayesdl as bdl
 from bayesdl.data import Standardizer
 from bayesdl.decisions import Referral, binomial_cdf, min_cases_to_certify
+from benchmarks._results import environment, write_results
 
 __all__ = [
     "METHODS",
@@ -642,16 +641,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "quick": args.quick,
         "config": asdict(config),
         "data": data,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
+        **environment(),
         **run(x, y, config, log),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "referral_breast_cancer_quick" if args.quick else "referral_breast_cancer"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, args.out / f"{stem}.md")
-    log(f"wrote {args.out / stem}.json and .md ({results['seconds']['total']:.0f} s)")
+    write_results(results, args.out, stem, write_markdown, log)
     return results
 
 

@@ -6,30 +6,10 @@ import argparse
 import os
 import sys
 
-from bayesdl.commands import COMMANDS, add_subcommands, run
+from bayesdl.commands import COMMANDS, _open_fraction, _positive_int, add_subcommands, run
 from bayesdl.posteriors import available_posteriors
 
 __all__ = ["main"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value:g}")
-    return value
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -52,13 +32,13 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--target-risk",
-        type=_fraction,
+        type=_open_fraction,
         default=0.02,
         help="referral: error rate allowed among accepted cases (default 0.02)",
     )
     demo.add_argument(
         "--delta",
-        type=_fraction,
+        type=_open_fraction,
         default=0.1,
         help="referral: allowed probability that the guarantee fails (default 0.1)",
     )

@@ -115,7 +115,10 @@ def _number(text: str) -> float:
 
 
 def _open_fraction(text: str) -> float:
-    value = _number(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value:g}")
     return value
@@ -1087,18 +1090,14 @@ def _info(args: argparse.Namespace) -> int:
         "pipeline": None,
     }
     if pipeline is not None:
+        encoding = pipeline.to_json()  # the file's own encoding; the task is listed above
         doc["pipeline"] = {
-            "target": pipeline.target,
-            "columns": [
-                {"name": c.name, "kind": c.kind, "mean": c.mean, "std": c.std}
-                if c.kind == "numeric"
-                else {"name": c.name, "kind": c.kind, "categories": list(c.categories)}
-                for c in pipeline.columns
-            ],
+            "target": encoding["target"],
+            "columns": encoding["columns"],
             "encoded_features": pipeline.n_features,
-            "classes": None if pipeline.classes is None else list(pipeline.classes),
-            "y_mean": pipeline.y_mean,
-            "y_std": pipeline.y_std,
+            "classes": encoding["classes"],
+            "y_mean": encoding["y_mean"],
+            "y_std": encoding["y_std"],
         }
     if args.json:
         print(json.dumps(doc, indent=2))

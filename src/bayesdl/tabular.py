@@ -82,13 +82,16 @@ class Table:
 
     @property
     def n_rows(self) -> int:
+        """Rows ``N`` of every column."""
         return len(next(iter(self.columns.values()))) if self.columns else 0
 
     @property
     def names(self) -> list[str]:
+        """The column names, in file order."""
         return list(self.columns)
 
     def column(self, name: str) -> np.ndarray:
+        """Column ``name``, ``(N,)``; a :class:`DataError` listing the columns if absent."""
         if name not in self.columns:
             raise DataError(
                 f"{self.source}: no column {name!r}; the columns are {_names(self.names)}."
@@ -358,10 +361,12 @@ class Column:
 
     @property
     def width(self) -> int:
+        """Encoded features of this column: 1, or one per category."""
         return 1 if self.kind == "numeric" else len(self.categories)
 
     @property
     def feature_names(self) -> list[str]:
+        """Names of this column's encoded features."""
         if self.kind == "numeric":
             return [self.name]
         return [f"{self.name}={c}" for c in self.categories]
@@ -463,6 +468,7 @@ class TabularPipeline:
     # ------------------------------------------------------------------ shapes
     @property
     def n_features(self) -> int:
+        """Width ``F`` of the encoded inputs."""
         return sum(c.width for c in self.columns)
 
     @property
@@ -473,6 +479,7 @@ class TabularPipeline:
 
     @property
     def input_columns(self) -> list[str]:
+        """Names of the raw input columns the pipeline reads."""
         return [c.name for c in self.columns]
 
     @property
@@ -500,18 +507,9 @@ class TabularPipeline:
                 numbers = _as_numbers(table, col.name, values)
                 blocks.append(((numbers - col.mean) / col.std)[:, None])
             else:
-                labels = _present_labels(table, col.name, values)
-                index = {c: i for i, c in enumerate(col.categories)}
-                codes = np.empty(len(labels), dtype=np.int64)
-                for i, label in enumerate(labels):
-                    if label not in index:
-                        raise DataError(
-                            f"{table.where(i)}, column {col.name!r}: category {label!r} was not "
-                            f"seen in training (known: {_names(list(col.categories))})."
-                        )
-                    codes[i] = index[label]
-                one_hot = np.zeros((len(labels), col.width), dtype=np.float64)
-                one_hot[np.arange(len(labels)), codes] = 1.0
+                codes = _codes(table, col.name, values, col.categories, "category")
+                one_hot = np.zeros((len(codes), col.width), dtype=np.float64)
+                one_hot[np.arange(len(codes)), codes] = 1.0
                 blocks.append(one_hot)
         x = np.concatenate(blocks, axis=1) if blocks else np.zeros((table.n_rows, 0))
         return torch.from_numpy(x).to(dtype)
@@ -521,17 +519,7 @@ class TabularPipeline:
         ``(N,)``."""
         y = table.column(self.target)
         if self.task == "classification":
-            labels = _present_labels(table, self.target, y)
-            index = {c: i for i, c in enumerate(self.classes)}
-            out = np.empty(len(labels), dtype=np.int64)
-            for i, label in enumerate(labels):
-                if label not in index:
-                    raise DataError(
-                        f"{table.where(i)}, column {self.target!r}: class {label!r} was not seen "
-                        f"in training (known: {_names(list(self.classes))})."
-                    )
-                out[i] = index[label]
-            return torch.from_numpy(out)
+            return torch.from_numpy(_codes(table, self.target, y, self.classes, "class"))
         numbers = _as_numbers(table, self.target, y)
         return torch.from_numpy((numbers - self.y_mean) / self.y_std).to(dtype)
 
@@ -544,6 +532,7 @@ class TabularPipeline:
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict:
+        """The pipeline as plain JSON values (what model files store)."""
         return {
             "columns": [
                 {"name": c.name, "kind": c.kind, "mean": c.mean, "std": c.std}
@@ -611,6 +600,22 @@ def _present_labels(table: Table, name: str, values: np.ndarray) -> list[str]:
     if len(bad):
         raise DataError(f"{table.where(int(bad[0]))}, column {name!r}: missing value.")
     return [_label(v) for v in values]
+
+
+def _codes(table: Table, name: str, values: np.ndarray, known: Sequence[str], what: str):
+    """Index into ``known`` of each value of a column, ``(N,)`` int64; a missing value or one
+    not seen in training (a ``what``: category or class) is an error naming its row."""
+    index = {c: i for i, c in enumerate(known)}
+    labels = _present_labels(table, name, values)
+    codes = np.empty(len(labels), dtype=np.int64)
+    for i, label in enumerate(labels):
+        if label not in index:
+            raise DataError(
+                f"{table.where(i)}, column {name!r}: {what} {label!r} was not seen in training "
+                f"(known: {_names(list(known))})."
+            )
+        codes[i] = index[label]
+    return codes
 
 
 def _check_numbers(table: Table, name: str, values: np.ndarray) -> None:
