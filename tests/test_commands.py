@@ -401,3 +401,77 @@ def test_model_without_pipeline_is_refused(tmp_path, capsys):
     )
     assert main(["info", str(model)]) == 0
     assert "none recorded" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ split
+def test_split_partitions_rows_and_reads_back_the_same_values(tmp_path, capsys):
+    data = price_data(50, seed=3)
+    data["city"] = ["oslo", "", "rome", "lima", "oslo"] * 10  # text, with a missing value
+    data["count"] = list(range(50))  # integers stay integers
+    source = write_csv(tmp_path / "all.csv", {k: list(v) for k, v in data.items()})
+    parts = [tmp_path / f"{p}.csv" for p in ("train", "held_out", "test")]
+    assert main(["split", str(source), "--out", *map(str, parts), "--seed", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "50 rows" in out and "train.csv: 30 rows" in out and "test.csv: 10 rows" in out
+    header, original = read_csv(source)
+    seen = []
+    for part in parts:
+        h, rows = read_csv(part)
+        assert h == header
+        seen += rows
+        counts = [int(r[header.index("count")]) for r in rows]
+        assert counts == sorted(counts)  # each part keeps the file's order
+    assert len(seen) == 50
+    by_count = {r[header.index("count")]: r for r in seen}
+    for row in original:
+        back = by_count[row[header.index("count")]]
+        for name, a, b in zip(header, row, back, strict=True):
+            if name in ("a", "b", "price"):
+                assert float(a) == float(b)  # repr round-trips exactly
+            else:
+                assert a == b
+    # Another seed gives another split; the same seed the same one.
+    again = tmp_path / "again.csv"
+    assert main(["split", str(source), "--out", str(again), str(tmp_path / "rest.csv")]) == 0
+    assert (
+        main(
+            [
+                "split",
+                str(source),
+                "--out",
+                str(again),
+                str(tmp_path / "rest.csv"),
+                "--seed",
+                "4",
+                "--fractions",
+                "0.6,0.4",
+            ]
+        )
+        == 0
+    )
+    assert read_csv(again)[1] == read_csv(parts[0])[1]
+
+
+def test_split_errors(tmp_path, capsys):
+    source = write_csv(tmp_path / "all.csv", {k: list(v) for k, v in price_data(5, 0).items()})
+    a, b = str(tmp_path / "a.csv"), str(tmp_path / "b.csv")
+    four = [str(tmp_path / f"{i}.csv") for i in range(4)]
+    expect_error(capsys, ["split", str(source), "--out", *four], "no shares", "0.25,0.25")
+    expect_error(capsys, ["split", str(source), "--out", a, a], "same file twice")
+    expect_error(
+        capsys, ["split", str(source), "--out", a, b, "--fractions", "0.5,0.6"], "sum to 1"
+    )
+    expect_error(
+        capsys,
+        ["split", str(source), "--out", a, b, "--fractions", "0.5,0.25,0.25"],
+        "2 files",
+        "3 shares",
+    )
+    expect_error(capsys, ["split", str(source), "--out", str(tmp_path / "a.parquet")], "writes CSV")
+    expect_error(
+        capsys,
+        ["split", str(source), "--out", a, b, "--fractions", "0.99,0.01"],
+        "5 rows cannot give every part a row",
+    )
+    expect_error(capsys, ["split", str(tmp_path / "nope.csv"), "--out", a], "nope.csv")
+    assert not Path(a).exists() and not Path(b).exists()

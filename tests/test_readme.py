@@ -27,3 +27,37 @@ def test_readme_snippets_run():
         "ood_gate",
         "referral",
     ]
+
+
+def test_readme_shell_recipe_runs(tmp_path, monkeypatch, capsys):
+    """The README's shell block, line by line, on a data file with a 'diagnosis' column."""
+    import csv
+    import shlex
+
+    import numpy as np
+
+    from bayesdl.cli import main
+
+    (block,) = re.findall(r"```shell\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    rng = np.random.default_rng(0)
+    n = 600
+    age, marker = rng.uniform(20, 80, n), rng.standard_normal(n)
+    clinic = rng.choice(["north", "south", "east"], n)
+    logit = 0.08 * (age - 50) + 2.0 * marker + (clinic == "east")
+    diagnosis = np.where(rng.random(n) < 1 / (1 + np.exp(-logit)), "malignant", "benign")
+    monkeypatch.chdir(tmp_path)
+    with open("data.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["age", "marker", "clinic", "diagnosis"])
+        writer.writerows(zip(age.round(1), marker.round(4), clinic, diagnosis, strict=True))
+    commands = [shlex.split(line, comments=True) for line in block.strip().splitlines()]
+    assert [c[:2] for c in commands][:2] == [["bayesdl", "split"], ["bayesdl", "fit"]]
+    for command in commands:
+        assert main(command[1:]) == 0, command
+    out = capsys.readouterr().out
+    assert "task: classification" in out and "referral:" in out
+    header = next(csv.reader(open("predictions.csv")))
+    assert header[:3] == ["predicted", "p_benign", "p_malignant"] and header[-1] == "refer"
+    assert sum(1 for _ in open("predictions.csv")) == 1 + 120
+    page = Path("report.html").read_text()
+    assert page.count("<img") >= 3 and "http://" not in page.replace("http://www.w3.org", "")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -58,7 +59,7 @@ from bayesdl.training import TrainingDivergedError
 __all__ = ["COMMANDS", "CommandError", "add_subcommands", "run"]
 
 #: The commands :func:`add_subcommands` adds and :func:`run` dispatches.
-COMMANDS = ("fit", "predict", "evaluate", "calibrate", "info")
+COMMANDS = ("split", "fit", "predict", "evaluate", "calibrate", "info")
 
 #: Defaults of ``fit``.
 DEFAULT_EPOCHS = 100
@@ -153,6 +154,20 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected shares such as 0.6,0.2,0.2, got {text!r}"
+        ) from None
+    if not all(math.isfinite(v) and v > 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise argparse.ArgumentTypeError(
+            f"expected positive shares that sum to 1, such as 0.6,0.2,0.2, got {text!r}"
+        )
+    return values
+
+
 def _column_names(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(","))
     if not all(names):
@@ -162,9 +177,36 @@ def _column_names(text: str) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------- the parsers
 def add_subcommands(subparsers) -> None:
-    """Add ``fit``, ``predict``, ``evaluate``, ``calibrate`` and ``info`` to ``subparsers``
-    (what ``ArgumentParser.add_subparsers(dest="command")`` returned)."""
+    """Add ``split``, ``fit``, ``predict``, ``evaluate``, ``calibrate`` and ``info`` to
+    ``subparsers`` (what ``ArgumentParser.add_subparsers(dest="command")`` returned)."""
     methods = available_posteriors()
+
+    split = _parser(
+        subparsers,
+        "split",
+        "shuffle the rows of a data file (seeded) into training, calibration and test files",
+        "Writes one CSV file per --out, in the order given, with the shares of --fractions "
+        "(default 0.6,0.2,0.2 for three files, 0.8,0.2 for two). Every row lands in exactly one "
+        "file; numbers are written so that they read back to the same value.",
+    )
+    split.add_argument("data", metavar="DATA", help="data: .csv, .parquet, .npz or a UCI folder")
+    split.add_argument(
+        "--out",
+        required=True,
+        nargs="+",
+        metavar="FILE",
+        help="the files to write (.csv, or .tsv for tabs), e.g. train.csv held_out.csv test.csv",
+    )
+    split.add_argument(
+        "--fractions",
+        type=_fractions,
+        default=None,
+        metavar="F,F,...",
+        help="share of the rows for each file, summing to 1",
+    )
+    split.add_argument(
+        "--seed", type=_nonnegative_int, default=0, help="seed of the shuffle (default 0)"
+    )
 
     fit = _parser(
         subparsers,
@@ -445,6 +487,7 @@ def run(args: argparse.Namespace) -> int:
     status 2); an interrupted command exits with 130. Neither leaves a partial output file.
     """
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "split": _split,
         "fit": _fit,
         "predict": _predict,
         "evaluate": _evaluate,
@@ -584,6 +627,73 @@ def _fmt(values: Tensor) -> list[str]:
 
 def _flags(values: Tensor) -> list[str]:
     return ["true" if v else "false" for v in values.tolist()]
+
+
+# ---------------------------------------------------------------------------- split
+#: ``bayesdl split``'s shares when --fractions is not given, by the number of files.
+DEFAULT_FRACTIONS = {1: (1.0,), 2: (0.8, 0.2), 3: (0.6, 0.2, 0.2)}
+
+
+def _split(args: argparse.Namespace) -> int:
+    outs = [_check_output(path, "a part") for path in args.out]
+    for path in outs:
+        if path.suffix.lower() not in (".csv", ".tsv", ".txt"):
+            raise CommandError(
+                f"--out {str(path)!r}: split writes CSV; name the files *.csv (or *.tsv for tabs)."
+            )
+    if len({p.resolve() for p in outs}) != len(outs):
+        raise CommandError("--out names the same file twice; give each part its own file.")
+    fractions = args.fractions or DEFAULT_FRACTIONS.get(len(outs))
+    if fractions is None or len(fractions) != len(outs):
+        raise CommandError(
+            f"--out names {len(outs)} files but --fractions gives "
+            f"{'no shares' if fractions is None else f'{len(fractions)} shares'}; give one "
+            "share per file, e.g. --fractions "
+            + ",".join(f"{1 / len(outs):.2g}" for _ in outs)
+            + "."
+        )
+    table = read_table(args.data)
+    n = table.n_rows
+    # Round the cumulative shares, so the sizes add up to n exactly.
+    bounds = [0, *(round(n * sum(fractions[: i + 1])) for i in range(len(fractions)))]
+    bounds[-1] = n
+    sizes = [b - a for a, b in itertools.pairwise(bounds)]
+    if min(sizes) < 1:
+        raise DataError(
+            f"{table.source}: {n} rows cannot give every part a row with shares "
+            f"{','.join(f'{f:g}' for f in fractions)}."
+        )
+    order = torch.randperm(n, generator=_generator(args.seed)).numpy()
+    lines = [f"data: {args.data}, {n} rows, shuffled with seed {args.seed}"]
+    for path, a, b in zip(outs, bounds, bounds[1:], strict=False):
+        part = table.take(np.sort(order[a:b]))  # each part keeps the file's row order
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+
+        def write(tmp: str, part=part, delimiter=delimiter) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f, delimiter=delimiter)
+                writer.writerow(part.names)
+                writer.writerows(zip(*(_cells(v) for v in part.columns.values()), strict=True))
+
+        write_atomic(path, write)
+        lines.append(f"{path}: {b - a} rows ({(b - a) / n:.1%})")
+    print("\n".join(lines))
+    return 0
+
+
+def _cells(values: np.ndarray) -> list[str]:
+    """A column as CSV text that reads back to the same values (missing ones as empty)."""
+    if values.dtype == object:
+        return ["" if v is None else str(v) for v in values]
+    out = []
+    for v in values.tolist():
+        if math.isnan(v):
+            out.append("")
+        elif v.is_integer() and abs(v) < 2**53:
+            out.append(str(int(v)))
+        else:
+            out.append(repr(v))
+    return out
 
 
 # ---------------------------------------------------------------------------- fit
@@ -815,6 +925,10 @@ class _Evaluation:
     intervals: tuple[Tensor, Tensor] | None = None
     level: float = 0.9
     details: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A perfect fit gives NLL -0.0 (the negated mean of log 1); show it as 0.
+        self.results = [(key, label, value + 0.0) for key, label, value in self.results]
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -1129,7 +1243,8 @@ def _info(args: argparse.Namespace) -> int:
                 what = f"numeric (mean {c.mean:.6g}, std {c.std:.6g})"
             else:
                 cats = ", ".join(c.categories[:10]) + (", ..." if len(c.categories) > 10 else "")
-                what = f"categorical, {len(c.categories)} categories ({cats})"
+                n_cats = len(c.categories)
+                what = f"categorical, {n_cats} categor{'y' if n_cats == 1 else 'ies'} ({cats})"
             lines.append(f"  {c.name:<{width}}  {what}")
         if pipeline.task == "classification":
             lines.append(f"target: {pipeline.target}, classes {', '.join(pipeline.classes)}")
