@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -61,3 +64,22 @@ def test_readme_shell_recipe_runs(tmp_path, monkeypatch, capsys):
     assert sum(1 for _ in open("predictions.csv")) == 1 + 120
     page = Path("report.html").read_text()
     assert page.count("<img") >= 3 and "http://" not in page.replace("http://www.w3.org", "")
+
+    # The service section: the README's curl body, sent to the model the recipe made.
+    fastapi = pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from bayesdl.serve import create_app
+
+    (curl,) = re.findall(r"-d '(.*?)'", README.read_text())
+    (served,) = re.findall(r"bayesdl serve (\S+)", README.read_text())
+    assert fastapi is not None and Path(served).exists()
+    with TestClient(create_app(served)) as client:
+        answer = client.post("/v1/predict", json=json.loads(curl))
+    assert answer.status_code == 200, answer.text
+    predictions = answer.json()["predictions"]
+    assert [p["predicted"] for p in predictions] == ["malignant", "benign"]
+    for p in predictions:
+        assert p["decision"]["action"] in ("accept", "refer")
+        assert [r["rule"] for r in p["decision"]["reasons"]] == ["referral"]

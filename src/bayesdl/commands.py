@@ -59,7 +59,7 @@ from bayesdl.training import TrainingDivergedError
 __all__ = ["COMMANDS", "CommandError", "add_subcommands", "run"]
 
 #: The commands :func:`add_subcommands` adds and :func:`run` dispatches.
-COMMANDS = ("split", "fit", "predict", "evaluate", "calibrate", "info")
+COMMANDS = ("split", "fit", "predict", "evaluate", "calibrate", "info", "serve")
 
 #: Defaults of ``fit``.
 DEFAULT_EPOCHS = 100
@@ -426,6 +426,10 @@ def add_subcommands(subparsers) -> None:
     info.add_argument("model", metavar="MODEL", help="model file")
     info.add_argument("--json", action="store_true", help="print as JSON")
 
+    from bayesdl import serve  # the module imports FastAPI only when a server is made
+
+    serve.add_parser(subparsers, _parser)
+
 
 def _parser(subparsers, name: str, summary: str, description: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -493,6 +497,7 @@ def run(args: argparse.Namespace) -> int:
         "evaluate": _evaluate,
         "calibrate": _calibrate,
         "info": _info,
+        "serve": _serve,
     }
     if args.command not in handlers:
         raise ValueError(f"unknown command {args.command!r}; the commands are {COMMANDS}.")
@@ -1183,6 +1188,13 @@ def _referral_line(referral: Referral, n: int) -> str:
         f"(refers when the {referral.score} score exceeds {referral.threshold:.4g}), error rate "
         f"{risk:.1%} among them; certified {goal}"
     )
+
+
+# ---------------------------------------------------------------------------- serve
+def _serve(args: argparse.Namespace) -> int:
+    from bayesdl.serve import serve_command
+
+    return serve_command(args)
 
 
 # ---------------------------------------------------------------------------- info
