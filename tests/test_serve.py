@@ -413,6 +413,12 @@ def test_real_server_answers_and_finishes_requests_in_flight_on_sigterm(models):
         models["classifier"], "--max-wait-ms", "1500", "--log-level", "warning"
     )
     try:
+        # Malformed bodies over real HTTP: only 4xx, and the server stays healthy.
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for body in malformed_bodies(100, seed=1):
+                status = c.post("/v1/predict", content=body).status_code
+                assert status == 200 or 400 <= status < 500, (status, body)
+            assert c.get("/v1/health").json()["failed"] == 0
         answers = []
 
         def ask() -> None:
