@@ -1,14 +1,29 @@
-"""What the application benchmarks (hand-over, referral) share: the environment they record and
-how they write their results."""
+"""What the application benchmarks (hand-over, referral, command line, service) share: the
+environment they record, how they run a command and how they write their results."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import platform
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+
+def run_bayesdl(*argv: str) -> str:
+    """Run one ``bayesdl`` command in this process, as a user types it; its standard output
+    (a failure raises ``RuntimeError`` with the command's one-line error)."""
+    from bayesdl.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()) as err:
+        status = main(list(argv))
+    if status != 0:
+        raise RuntimeError(f"bayesdl {' '.join(argv)} failed: {err.getvalue().strip()}")
+    return out.getvalue()
 
 
 def environment() -> dict:

@@ -19,9 +19,7 @@ so.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import io
 import json
 import statistics
 import sys
@@ -29,8 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bayesdl.cli import main as bayesdl
-from benchmarks._results import environment, write_results
+from benchmarks._results import environment, run_bayesdl, write_results
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MUSHROOM_COLUMNS = (
@@ -77,25 +74,17 @@ def prepare(name: str, folder: Path) -> tuple[str, str] | None:
     raise ValueError(f"unknown data set {name!r}")
 
 
-def _run(*argv: str) -> str:
-    """Run one ``bayesdl`` command in this process; its standard output."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()) as err:
-        status = bayesdl(list(argv))
-    if status != 0:
-        raise RuntimeError(f"bayesdl {' '.join(argv)} failed: {err.getvalue().strip()}")
-    return out.getvalue()
-
-
 def one_split(data: str, target: str, seed: int, work: Path) -> dict:
     train, held, test = (str(work / f"{p}.csv") for p in ("train", "held_out", "test"))
     model, calibrated = str(work / "model.safetensors"), str(work / "calibrated.safetensors")
-    _run("split", data, "--out", train, held, test, "--seed", str(seed))
-    _run("fit", train, "--target", target, "--out", model, "--quiet", "--seed", str(seed))
-    _run("calibrate", model, held, "--target", target, "--out", calibrated, "--seed", str(seed))
+    run_bayesdl("split", data, "--out", train, held, test, "--seed", str(seed))
+    run_bayesdl("fit", train, "--target", target, "--out", model, "--quiet", "--seed", str(seed))
+    run_bayesdl(
+        "calibrate", model, held, "--target", target, "--out", calibrated, "--seed", str(seed)
+    )
     result = {}
     for tag, path in (("fitted", model), ("calibrated", calibrated)):
-        doc = json.loads(_run("evaluate", path, test, "--target", target, "--json"))
+        doc = json.loads(run_bayesdl("evaluate", path, test, "--target", target, "--json"))
         result[tag] = doc["metrics"]
         result["task"] = doc["task"]
         result["test_rows"] = doc["rows"]

@@ -13,9 +13,9 @@
 
 A bad request gets a 4xx JSON answer ``{"error": {"status", "message", "instance", "field"}}``
 naming the instance and field; an oversized body gets 413. Requests that arrive together are
-micro-batched: up to ``max_batch`` instances, or whatever arrived within ``max_wait_ms`` of the
-first, go through the posterior as one batch, in one worker thread, so the posterior draws run
-once per batch rather than once per request.
+micro-batched: the requests that queued while the worker thread was predicting (up to
+``max_batch`` instances; optionally waiting ``max_wait_ms`` for more) go through the posterior as
+one batch, so the posterior draws run once per batch rather than once per request.
 
 The parts without FastAPI (:class:`ModelService`: checks, encoding, prediction, the answer's
 fields; :class:`MicroBatcher`) can be used by another server.
@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -57,7 +58,7 @@ __all__ = [
 
 #: Defaults of the service's limits (``bayesdl serve`` options of the same names).
 DEFAULT_MAX_BATCH = 256
-DEFAULT_MAX_WAIT_MS = 2.0
+DEFAULT_MAX_WAIT_MS = 0.0
 DEFAULT_MAX_INSTANCES = 1000
 DEFAULT_MAX_BODY_BYTES = 1_000_000
 
@@ -529,9 +530,12 @@ _UNION_TAGS = {"int", "float", "str", "none", "list[...]", "dict[str,...]", "fun
 class MicroBatcher:
     """Collects the instances of concurrent requests into batches for one worker thread.
 
-    A batch closes when it holds ``max_batch`` instances or ``max_wait_ms`` after its first
-    request arrived, whichever is first; a request larger than ``max_batch`` runs as a batch of
-    its own. The posterior runs in one worker thread, off the event loop.
+    A batch takes every request waiting when the worker is free, up to ``max_batch`` instances;
+    with ``max_wait_ms > 0`` it also waits that long after its first request for more. A
+    request larger than ``max_batch`` runs as a batch of its own. The posterior runs in one
+    worker thread, off the event loop, so requests that arrive while it predicts queue up and
+    form the next batch: under load batches grow by themselves, and an idle server answers at
+    once (the default ``max_wait_ms = 0``).
     """
 
     def __init__(
@@ -592,8 +596,8 @@ class MicroBatcher:
             await self._flush(batch, loop)
 
     async def _flush(self, batch: list, loop) -> None:
-        x = torch.cat([item[0] for item in batch]) if len(batch) > 1 else batch[0][0]
-        try:
+        try:  # anything failing here reaches the requests of this batch, none is left waiting
+            x = torch.cat([item[0] for item in batch]) if len(batch) > 1 else batch[0][0]
             answers = await loop.run_in_executor(self._executor, self.service.predict, x)
         except Exception as err:  # the requests of this batch get the error, the server lives
             for _, future in batch:
@@ -703,7 +707,8 @@ def create_app(
         except ValueError as exc:  # the pipeline's own checks (DataError)
             return error(RequestError(422, str(exc)))
         answers = await batcher.predict(x)
-        return {"model_id": service.model_id, "predictions": answers}
+        # A JSONResponse of plain values: FastAPI's encoder would walk every number again.
+        return JSONResponse({"model_id": service.model_id, "predictions": answers})
 
     @app.get("/v1/health", summary="Whether the service is up, with counts")
     async def health():
@@ -723,6 +728,7 @@ def create_app(
             "max_batch": batcher.max_batch,
             "max_wait_ms": batcher.max_wait * 1000.0,
             "max_body_bytes": max_body_bytes,
+            "torch_threads": torch.get_num_threads(),
         }
 
     return app
@@ -814,6 +820,13 @@ def add_parser(subparsers, make_parser) -> None:
         "--seed", type=_nonnegative_int, default=0, help="seed of the posterior draws (default 0)"
     )
     serve.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch threads for a prediction (default 1: under concurrent requests the "
+        "micro-batches use the cores better than threads inside one small batch)",
+    )
+    serve.add_argument(
         "--log-level",
         default="info",
         choices=("critical", "error", "warning", "info", "debug"),
@@ -831,6 +844,7 @@ def serve_command(args) -> int:
         raise CommandError(
             "bayesdl serve needs FastAPI and uvicorn: pip install 'bayesdl[serve]'."
         ) from None
+    torch.set_num_threads(args.threads)
     service = ModelService(
         args.model,
         samples=args.samples,
@@ -849,5 +863,14 @@ def serve_command(args) -> int:
         f"{service.model_id}) at http://{args.host}:{args.port}/v1/predict; docs at /docs",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # uvicorn answers SIGTERM by finishing the requests in flight, then raises the signal again
+    # with the handler it found: ours notes it, so a graceful stop exits 0 instead of dying by it.
+    stopped = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        print("stopped by SIGTERM after answering the requests in flight", flush=True)
     return 0
