@@ -50,12 +50,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bayesdl as bdl
 from bayesdl.calibration import fit_scale, scale_outputs
 from bayesdl.data import Standardizer, UCIDataset, UCISplit, load_uci
+from bayesdl.posteriors.selection import Candidate, CandidateFit, fit_candidates, greedy_selection
 
 __all__ = ["GRIDS", "Result", "main", "run_method", "write_markdown"]
 
@@ -89,8 +89,9 @@ GRIDS: dict[str, tuple[dict, ...]] = {
     # (beta = 1), members trained with dropout 0.1 or 0.2 (predictions without it), and beta-NLL
     # with dropout 0.2, all at lambda = 0.3; a grid within the
     # 60-minute budget. Averaging members regularises on its own: the strongest prior (30) won
-    # validation on 7 of 140 splits when it was a candidate, and lambda = 3 (a candidate until
-    # stop 12) won mostly on the large sets, where lambda / n differs from 0.3's by under 0.001
+    # validation on 7 of 140 splits when it was a candidate, and lambda = 3 (a candidate of an
+    # earlier grid) won mostly on the large sets, where lambda / n differs from 0.3's by under
+    # 0.001
     # (on 14 power splits, LL -2.7832 and RMSE 4.023 without it, -2.7842 and 4.024 with it;
     # it cost a sixth of the grid's time). Beta-NLL won mostly on energy (10 of 20 splits);
     # dropout won on Boston (18 of 20 splits, 15 of them at 0.3, in a trial with both priors)
@@ -137,13 +138,15 @@ VARIANCE_SCALING = False
 #: on the validation log-likelihood (without replacement; Caruana et al. 2004, as in the
 #: hyper-parameter ensembles of Wenzel et al. 2020): start from the winner's grid members and
 #: add the candidate whose members raise the validation log-likelihood of the equal-weight
-#: mixture most, until none does (:func:`_mixture`). Every chosen candidate is refitted on the
-#: whole training split, all of them in one stacked program (:func:`_refit_mixture`: each its
-#: own decay, beta, dropout rate and best grid epoch), and the chosen candidates' grid members
+#: mixture most, until none does (:func:`bayesdl.posteriors.selection.greedy_selection`). Every
+#: chosen candidate is refitted on the whole training split, all of them in one stacked program
+#: (:func:`_refit_mixture`: each its own decay, beta, dropout rate and best grid epoch; the
+#: recipe of :meth:`bayesdl.DeepEnsemble.from_candidates`, here with the protocol's own
+#: standardisation of the grid and the refit), and the chosen candidates' grid members
 #: (trained on the first 80% of the split, early-stopped on the last 20%) join the refits: more
 #: members for no extra training (their outputs are mapped from the grid's standardisation to
-#: the refit's). Every member is trained on training rows only; all weigh equally. Until
-#: stop 13 one fixed partner (beta-NLL with dropout 0.2) could join the winner, each refit its
+#: the refit's). Every member is trained on training rows only; all weigh equally. An earlier
+#: version joined one fixed partner (beta-NLL with dropout 0.2) to the winner, each refit its
 #: own program; see the README for both.
 JOIN_GRID_MEMBERS = frozenset({"deep_ensemble"})
 #: Build options of the refit that override the candidate's: deep ensembles refit twice the
@@ -152,28 +155,14 @@ JOIN_GRID_MEMBERS = frozenset({"deep_ensemble"})
 REFIT_BUILD: dict[str, dict] = {"deep_ensemble": {"n_members": 10}}
 
 
-class _MemberDropout(nn.Module):
-    """Dropout at one rate per member of a stacked fit, ``rates`` ``(M,)``: the stacked fast path
-    applies ``F.dropout`` with a tensor of rates per member (:mod:`bayesdl.posteriors.stacked`),
-    so a grid over the dropout rate trains as one program. It runs only stacked."""
-
-    def __init__(self, rates: Sequence[float]) -> None:
-        super().__init__()
-        self.rates = torch.tensor(rates, dtype=torch.float64)  # not a buffer: not stacked
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.dropout(x, self.rates, self.training)
-
-
-def mlp(n_features: int, n_hidden: int, dropout: float | Sequence[float] = 0.0) -> nn.Module:
+def mlp(n_features: int, n_hidden: int, dropout: float = 0.0) -> nn.Module:
     """``Linear(F, H) -> ReLU [-> Dropout(p)] -> Linear(H, 2)``: mean and log-variance.
 
-    ``dropout`` a sequence: one rate per stacked member (:class:`_MemberDropout`).
+    In a stacked grid (:func:`bayesdl.posteriors.selection.fit_candidates`) the dropout layer
+    takes each candidate's own rate.
     """
     layers: list[nn.Module] = [nn.Linear(n_features, n_hidden), nn.ReLU()]
-    if isinstance(dropout, Sequence):
-        layers.append(_MemberDropout(dropout))
-    elif dropout > 0:
+    if dropout > 0:
         layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers, nn.Linear(n_hidden, 2))
 
@@ -345,10 +334,8 @@ def run_method(
     x_test = scaler.transform_x(split.x_test)
     joined = method in JOIN_GRID_MEMBERS and bool(kept)
     if joined:  # greedy selection on the grid's validation outputs, then one stacked refit
-        per, grid_post = kept["per"], kept["post"]
-
-        def members_of(candidates: list[int]) -> list[int]:  # their members in the grid fit
-            return [m for c in candidates for m in range(c * per, (c + 1) * per)]
+        grid_fit: CandidateFit = kept["fit"]
+        grid_post, members_of = grid_fit.posterior, grid_fit.members
 
         def mixture_ll(candidates: list[int]) -> float:  # of their grid members on validation
             predictive = grid_post.likelihood.predictive(
@@ -356,7 +343,7 @@ def run_method(
             )
             return score(predictive, y_val, inner).ll
 
-        mixture = _mixture(len(grid), k, best.val_ll_unscaled, mixture_ll)
+        mixture = greedy_selection(mixture_ll, len(grid), start=k, start_score=best.val_ll_unscaled)
         post = _refit_mixture(
             method,
             [grid[c] for c in mixture],
@@ -411,59 +398,9 @@ def _refit_candidate(method: str, candidate: dict) -> dict:
     return {**candidate, "build": {**candidate.get("build", {}), **REFIT_BUILD[method]}}
 
 
-def _mixture(n_candidates: int, k: int, alone: float, mixture_ll) -> list[int]:
-    """The candidates whose members form deep ensembles' predictive, the winner ``k`` first:
-    greedy ensemble selection without replacement (:data:`JOIN_GRID_MEMBERS`).
-
-    ``alone`` is the validation log-likelihood of ``k``'s members, ``mixture_ll(candidates)``
-    that of the equal-weight mixture of the candidates' members. The candidate that raises the
-    mixture's log-likelihood most is added until none raises it (a NaN never does).
-    """
-    chosen, current = [k], alone
-    while True:
-        gains = {j: mixture_ll([*chosen, j]) for j in range(n_candidates) if j not in chosen}
-        best = max(gains, key=gains.__getitem__, default=None)
-        if best is None or not gains[best] > current:
-            return chosen
-        chosen.append(best)
-        current = gains[best]
-
-
-class _MemberBetaGaussian(bdl.Gaussian):
-    """The Gaussian likelihood of a stacked fit whose members train with different beta-NLL
-    weights (:class:`bayesdl.Gaussian`'s ``beta``), one per member, so that a grid over beta
-    stays one vectorised program. Early stopping (:meth:`validation_loss`) watches the NLL of
-    the ``beta = 0`` members and the squared error of the mean, ``(y - mu)^2 / 2``, of the
-    others: beta-NLL trains the mean as the squared error does, and stopped on the NLL, which
-    its variances were not fitted for, its means were cut short (Boston, concrete, wine); stopped
-    on its own loss, whose value keeps falling while the variances shrink below the errors, its
-    variances overfitted (energy: the validation then chose the NLL candidate on 19 of 20
-    splits, and RMSE 1.63 against 0.89 stopped on the squared error, 20 splits each). The NLL
-    (``nll``, scores) is the plain Gaussian's."""
-
-    def __init__(self, betas: Sequence[float]) -> None:
-        super().__init__()
-        for beta in betas:  # the same check as the library's
-            bdl.Gaussian(beta=beta)
-        self.member_beta = torch.tensor(betas).unsqueeze(-1)  # (M, 1): broadcasts over (M, B)
-
-    def _check_members(self, params: Tensor) -> None:
-        if params.ndim != 3 or len(params) != len(self.member_beta):
-            raise ValueError(
-                f"expected the outputs of {len(self.member_beta)} stacked members, (M, B, 2); "
-                f"got {tuple(params.shape)}"
-            )
-
-    def training_loss(self, params: Tensor, y: Tensor) -> Tensor:
-        self._check_members(params)
-        out, var = self._nll_per_target(params, y)
-        return out * var.detach() ** self.member_beta.to(var)
-
-    def validation_loss(self, params: Tensor, y: Tensor) -> Tensor:
-        self._check_members(params)
-        nll = self.nll(params, y)  # (M, B)
-        squared = 0.5 * (y - self.mean_variance(params)[0]) ** 2
-        return torch.where(self.member_beta.to(nll) > 0, squared, nll)
+def _candidates(grid: Sequence[dict]) -> list[Candidate]:
+    """The grid's candidates as the library's :class:`~bayesdl.posteriors.selection.Candidate`."""
+    return [Candidate(c["precision"], c.get("beta", 0.0), c.get("dropout", 0.0)) for c in grid]
 
 
 def _stacked_grid(
@@ -484,9 +421,9 @@ def _stacked_grid(
 
     ``train`` holds standardised inputs and targets, ``val`` standardised inputs and targets on
     the original scale. Returns the :class:`Outcome` of each candidate, as the loop over
-    candidates would. ``kept``, if given, receives the stacked posterior (``"post"``), the
-    members per candidate (``"per"``) and, for methods whose draws are the members, their
-    validation outputs ``(M, B, 2)`` (``"val_outputs"``).
+    candidates would. ``kept``, if given, receives the stacked fit
+    (:class:`~bayesdl.posteriors.selection.CandidateFit`, ``"fit"``) and, for methods whose
+    draws are the members, their validation outputs ``(M, B, 2)`` (``"val_outputs"``).
     """
     varying = ("precision", "beta", "dropout")
     shared = [{n: v for n, v in c.items() if n not in varying} for c in grid]
@@ -499,19 +436,17 @@ def _stacked_grid(
     yv = inner.transform_y(y_val)
     options = dict(grid[0].get("build", {}))
     per = options.pop("n_members", 1)
-    member = _member_settings(grid, per, len(xi))
     key = None
     if method in SHARED_POINT_FIT:  # the same networks for every such method: train them once
-        settings = (member, n_hidden, seed, epochs, BATCH_SIZE, LR)
+        settings = (_candidates(grid), per, n_hidden, seed, epochs, BATCH_SIZE, LR)
         key = "grid" + repr(settings) + _digest(xi, yi, xv, yv)
     if key in _POINT_FITS:
-        post, member_best = _POINT_FITS[key]
+        fit = _POINT_FITS[key]
     else:
-        post, member_best = _train_stack(
-            method, options, len(grid), member, n_hidden, seed, epochs, (xi, yi), (xv, yv)
-        )
+        fit = _train_stack(method, options, grid, per, n_hidden, seed, epochs, (xi, yi), (xv, yv))
         if key is not None:
-            _POINT_FITS[key] = post, member_best
+            _POINT_FITS[key] = fit
+    post, member_best = fit.posterior, fit.member_epochs
     draws = 100 if method == "swag" else per  # outputs per candidate
     if method not in ("laplace", "mc_dropout"):
         n_samples = draws * len(grid) if method == "swag" else None
@@ -541,20 +476,10 @@ def _stacked_grid(
             )
         )
     if kept is not None:  # the grid fit itself, for JOIN_GRID_MEMBERS
-        kept.update(post=post, per=per)
+        kept.update(fit=fit)
         if method not in ("laplace", "mc_dropout", "swag"):
             kept["val_outputs"] = outputs
     return outcomes
-
-
-def _member_settings(candidates: Sequence[dict], per: int, n_rows: int) -> dict[str, list]:
-    """One weight decay (``precision / n_rows``), beta and dropout rate per stacked member:
-    ``per`` members for each of ``candidates``, candidate after candidate."""
-    return {
-        "decay": [c["precision"] / n_rows for c in candidates for _ in range(per)],
-        "beta": [c.get("beta", 0.0) for c in candidates for _ in range(per)],
-        "dropout": [c.get("dropout", 0.0) for c in candidates for _ in range(per)],
-    }
 
 
 def _refit_mixture(
@@ -573,20 +498,19 @@ def _refit_mixture(
     refits = [_refit_candidate(method, c) for c in candidates]
     options = dict(refits[0].get("build", {}))
     per = options.pop("n_members", 1)
-    member = _member_settings(refits, per, len(train[0]))
     member_epochs = [max(1, e) for e in epochs for _ in range(per)]
-    post, _ = _train_stack(
+    fit = _train_stack(
         method,
         options,
-        len(refits),
-        member,
+        refits,
+        per,
         n_hidden,
         seed,
         max(member_epochs),
         train,
         member_epochs=member_epochs,
     )
-    return post
+    return fit.posterior
 
 
 def _restandardise(outputs: Tensor, old: Standardizer, new: Standardizer) -> Tensor:
@@ -609,51 +533,50 @@ def _digest(*tensors: Tensor) -> str:
 def _train_stack(
     method: str,
     options: dict,
-    n_candidates: int,
-    member: dict[str, list[float]],
+    grid: Sequence[dict],
+    per: int,
     n_hidden: int,
     seed: int,
     epochs: int,
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor] | None = None,
     member_epochs: Sequence[int] | None = None,
-):
+) -> CandidateFit:
     """The stacked fit of :func:`_stacked_grid` and :func:`_refit_mixture` (standardised
-    ``train`` and ``val``, one decay, beta and rate per member in ``member``): the posterior and
-    each member's best validation epoch (its epoch count without ``val``)."""
-    xi, yi = train
+    ``train`` and ``val``; ``per`` members per candidate of ``grid``, each with its own decay,
+    beta and dropout rate) by :func:`bayesdl.posteriors.selection.fit_candidates`: the members
+    and each one's best validation epoch (its epoch count without ``val``)."""
+    xi, _ = train
     torch.manual_seed(seed)
-    rates = member["dropout"]
-    net = mlp(xi.shape[1], n_hidden, rates if any(rates) else 0.0)
-    betas = member["beta"]
-    likelihood = _MemberBetaGaussian(betas) if any(betas) else bdl.Gaussian()
-    if method == "deep_ensemble":
-        post = bdl.DeepEnsemble(net, likelihood, n_members=len(betas), seed=seed)
-    elif method == "swag":
-        post = bdl.SWAG(
-            net, likelihood, n_members=n_candidates, reinitialize=False, seed=seed, **options
-        )
-    else:  # point estimates (Laplace's MAP, MC dropout's network): same start, same data order
-        post = bdl.DeepEnsemble(
-            net,
-            likelihood,
-            n_members=n_candidates,
-            reinitialize=False,
-            independent_data_order=False,
-        )
-    history = post.fit(
-        (xi, yi),
-        val_data=val,
+    net = mlp(xi.shape[1], n_hidden, max(c.get("dropout", 0.0) for c in grid))
+    build = None  # deep ensembles: independently initialised members
+    if method == "swag":
+
+        def build(net, likelihood, n):
+            return bdl.SWAG(net, likelihood, n_members=n, reinitialize=False, seed=seed, **options)
+
+    elif method != "deep_ensemble":  # point estimates (Laplace's MAP, MC dropout's network):
+
+        def build(net, likelihood, n):  # same start, same data order
+            return bdl.DeepEnsemble(
+                net, likelihood, n_members=n, reinitialize=False, independent_data_order=False
+            )
+
+    return fit_candidates(
+        net,
+        bdl.Gaussian(),
+        _candidates(grid),
+        train,
+        n_members=per,
+        val=val,
         epochs=epochs,
+        member_epochs=member_epochs,
         batch_size=BATCH_SIZE,
         lr=LR,
+        patience=patience_for(method, epochs),
         seed=seed,
-        weight_decay=member["decay"],
-        patience=None if val is None else patience_for(method, epochs),
-        member_epochs=member_epochs,
-        progress=False,
+        build=build,
     )
-    return post, history.member_best_epochs or list(member_epochs or [epochs] * len(betas))
 
 
 @dataclass

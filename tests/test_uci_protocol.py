@@ -230,34 +230,6 @@ def test_mc_dropout_grid_is_one_stack_of_dropout_rates(tmp_path, monkeypatch):
     assert math.isfinite(scores.ll) and 0 <= selection["candidate"] < len(grid)
 
 
-def test_member_beta_gaussian_is_the_library_loss_per_member():
-    g = torch.Generator().manual_seed(0)
-    params = torch.randn(3, 5, 2, generator=g, dtype=torch.float64)
-    y = torch.randn(5, generator=g, dtype=torch.float64)
-    lik = uci._MemberBetaGaussian([0.0, 0.5, 1.0])
-    got = lik.training_loss(params, y)
-    for m, beta in enumerate((0.0, 0.5, 1.0)):
-        want = bdl.Gaussian(beta=beta).training_loss(params[m], y)
-        torch.testing.assert_close(got[m], want)
-    torch.testing.assert_close(lik.nll(params, y), bdl.Gaussian().nll(params, y))
-    # early stopping: the NLL of the beta = 0 member, the mean's squared error of the others
-    val = lik.validation_loss(params, y)
-    assert val.shape == (3, 5)
-    torch.testing.assert_close(val[0], lik.nll(params, y)[0])
-    for m in (1, 2):
-        torch.testing.assert_close(val[m], 0.5 * (y - params[m, :, 0]) ** 2)
-    # the variances do not enter it: shrinking them changes the NLL member's value alone
-    shrunk = params.clone()
-    shrunk[..., 1] -= 3.0
-    changed = lik.validation_loss(shrunk, y) != val
-    assert changed[0].all() and not changed[1:].any()
-    for loss in (lik.training_loss, lik.validation_loss):
-        with pytest.raises(ValueError, match=r"3 stacked members, \(M, B, 2\); got \(2, 5, 2\)"):
-            loss(params[:2], y)
-    with pytest.raises(ValueError, match="beta must be a number"):
-        uci._MemberBetaGaussian([0.0, 2.0])
-
-
 def test_stacked_grid_refuses_candidates_that_differ_in_build_options(tmp_path):
     write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
     split = bdl.data.load_uci(tmp_path / "toy").split(0)
@@ -466,11 +438,12 @@ def _record_stacks_and_scores(monkeypatch):
     stacks, preds = [], []
     train_stack, score = uci._train_stack, uci.score
 
-    def recorded(method, options, n_candidates, member, n_hidden, seed, epochs, train, *rest, **kw):
-        stacks.append({"n": n_candidates, "member": member, "seed": seed, "epochs": epochs, **kw})
-        return train_stack(
-            method, options, n_candidates, member, n_hidden, seed, epochs, train, *rest, **kw
+    def recorded(method, options, grid, per, n_hidden, seed, epochs, train, *rest, **kw):
+        stacks.append(
+            {"grid": list(grid), "per": per, "seed": seed, "epochs": epochs, "rows": len(train[0])}
+            | kw
         )
+        return train_stack(method, options, grid, per, n_hidden, seed, epochs, train, *rest, **kw)
 
     monkeypatch.setattr(uci, "_train_stack", recorded)
     monkeypatch.setattr(uci, "score", lambda pred, *a: preds.append(pred) or score(pred, *a))
@@ -517,73 +490,17 @@ def test_deep_ensemble_mixes_candidates_when_validation_prefers_it(
     assert selection["mixture"] == ([0, 1] if prefer_mix else [0])
     assert len(moved[0]) == (4 if prefer_mix else 2)
     grid_fit, refit = stacks  # the grid, then one refit of the whole mixture
-    assert grid_fit["n"] == 2 and "member_epochs" not in grid_fit
+    assert len(grid_fit["grid"]) == 2 and "member_epochs" not in grid_fit
     n = uci.REFIT_BUILD["deep_ensemble"]["n_members"]
     chosen = grid[: 1 + prefer_mix]
-    n_rows = len(split.x_train)
-    assert refit["n"] == len(chosen) and refit["seed"] == 0
-    assert refit["member"] == {
-        "decay": [c["precision"] / n_rows for c in chosen for _ in range(n)],
-        "beta": [c.get("beta", 0.0) for c in chosen for _ in range(n)],
-        "dropout": [c.get("dropout", 0.0) for c in chosen for _ in range(n)],
-    }
+    assert refit["seed"] == 0 and refit["per"] == n and refit["rows"] == len(split.x_train)
+    # each chosen candidate with its own precision, beta and dropout rate
+    assert uci._candidates(refit["grid"]) == uci._candidates(chosen)
     best = [max(1, o.best_epoch) for o in trained[: len(chosen)]]
     assert refit["member_epochs"] == [e for e in best for _ in range(n)]
     assert refit["epochs"] == max(best) and selection["epochs"] == best[0]
     # the refits and the chosen candidates' grid members weigh alike in the test predictive
     assert preds[-1].n_samples == len(chosen) * (n + 2)
-
-
-def test_mixture_adds_the_best_candidate_while_validation_improves():
-    """Greedy ensemble selection: from the winner, add the candidate whose mixture has the best
-    validation log-likelihood while that beats the current mixture's."""
-    gain = {1: 0.3, 2: 0.5, 3: -0.2, 4: 0.1}  # each candidate's fixed effect
-    calls = []
-
-    def mixture_ll(candidates):
-        calls.append(list(candidates))
-        # additive gains with a penalty for size: 2 then 1 help, then nothing does
-        return (
-            -1.0
-            + sum(gain.get(c, 0.0) for c in candidates[1:])
-            - 0.25 * max(0, len(candidates) - 2)
-        )
-
-    assert uci._mixture(5, 0, -1.0, mixture_ll) == [0, 2, 1]
-    # the first round tries every other candidate, the last finds no gain and stops
-    assert calls[:4] == [[0, j] for j in range(1, 5)]
-    assert calls[-1][:3] == [0, 2, 1] and len(calls[-1]) == 4
-    assert uci._mixture(5, 0, 0.0, mixture_ll) == [0]  # nothing beats alone
-    assert uci._mixture(1, 0, -1.0, mixture_ll) == [0]  # nothing to add
-    nan = uci._mixture(5, 0, -1.0, lambda c: math.nan)
-    assert nan == [0]  # a mixture whose log-likelihood is NaN never joins
-
-
-def test_refit_stack_keeps_each_member_at_its_own_epoch_count():
-    """A stacked refit with ``member_epochs`` (3, 5) holds, per member, the network of the same
-    stack trained for that member's count alone: each candidate's refit stops at its own best
-    grid epoch while all of them run as one program (decay, beta and dropout per member)."""
-    torch.manual_seed(0)
-    x = torch.randn(50, 3)
-    y = x[:, :1] - x[:, 1:2] ** 2
-    candidates = (
-        {"precision": 0.3, "beta": 1.0, "dropout": 0.2},
-        {"precision": 3.0, "beta": 0.0, "dropout": 0.0},
-    )
-    member = uci._member_settings(candidates, 1, len(x))
-    assert member == {"decay": [0.3 / 50, 3.0 / 50], "beta": [1.0, 0.0], "dropout": [0.2, 0.0]}
-
-    def stack(epochs, member_epochs=None):
-        post, best = uci._train_stack(
-            "deep_ensemble", {}, 2, member, 8, 0, epochs, (x, y), member_epochs=member_epochs
-        )
-        return post.sample_outputs(x), best
-
-    together, counts = stack(5, [3, 5])
-    assert counts == [3, 5]
-    torch.testing.assert_close(together[0], stack(3)[0][0])
-    torch.testing.assert_close(together[1], stack(5)[0][1])
-    assert not torch.allclose(together[0], stack(5)[0][0])
 
 
 def test_refit_candidate_overrides_only_the_listed_build_options(monkeypatch):

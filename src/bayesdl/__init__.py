@@ -20,6 +20,7 @@ from bayesdl.likelihoods import (
 )
 from bayesdl.posteriors import (
     SWAG,
+    Candidate,
     DeepEnsemble,
     Deterministic,
     Laplace,
@@ -35,6 +36,7 @@ from bayesdl.training import History, TrainingDivergedError
 
 __all__ = [
     "SWAG",
+    "Candidate",
     "Categorical",
     "ClassificationPrediction",
     "DeepEnsemble",

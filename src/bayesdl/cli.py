@@ -54,6 +54,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``bayesdl`` command with ``argv`` (``None``: the process's arguments).
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 2 for a bad file, column, value or option (after one
+        line on stderr that names it).
+    """
     args = _build_parser().parse_args(argv)
     if args.command in COMMANDS:
         return run(args)

@@ -4,6 +4,8 @@ A user's own ``nn.Module`` is saved as its weights only: loading it needs the mo
 (``bayesdl.load(path, model=MyNet())``). A network built here carries its spec, a small JSON
 object, so ``bayesdl.load(path)`` rebuilds it with no code from the user.
 
+Examples
+--------
 >>> net = mlp(13, 2, hidden=(50, 50), dropout=0.1)
 >>> net.spec["hidden"]
 [50, 50]

@@ -255,4 +255,5 @@ class RegressionPrediction:
         return self.quantile(tail), self.quantile(1.0 - tail)
 
 
+#: Either kind of prediction: what :meth:`~bayesdl.posteriors.base.Posterior.predict` returns.
 Prediction = ClassificationPrediction | RegressionPrediction

@@ -56,10 +56,14 @@ __all__ = [
     "create_app",
 ]
 
-#: Defaults of the service's limits (``bayesdl serve`` options of the same names).
+# Defaults of the service's limits (``bayesdl serve`` options of the same names).
+#: Most instances predicted in one batch (``--max-batch``).
 DEFAULT_MAX_BATCH = 256
+#: How long, in milliseconds, a batch waits for more requests after its first (``--max-wait-ms``).
 DEFAULT_MAX_WAIT_MS = 0.0
+#: Most instances in one request (``--max-instances``).
 DEFAULT_MAX_INSTANCES = 1000
+#: Largest request body in bytes (``--max-body-bytes``).
 DEFAULT_MAX_BODY_BYTES = 1_000_000
 
 

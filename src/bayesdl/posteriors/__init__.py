@@ -12,10 +12,12 @@ from bayesdl.posteriors.deterministic import Deterministic
 from bayesdl.posteriors.laplace import Laplace
 from bayesdl.posteriors.mc_dropout import MCDropout
 from bayesdl.posteriors.mean_field_vi import MeanFieldVI
+from bayesdl.posteriors.selection import Candidate
 from bayesdl.posteriors.swag import SWAG
 
 __all__ = [
     "SWAG",
+    "Candidate",
     "DeepEnsemble",
     "Deterministic",
     "Laplace",

@@ -268,11 +268,16 @@ class DeepEnsemble(StackedMembers):
         Seed of the initialisations (member ``m`` uses ``seed + m``); ``None`` draws one from
         torch's global generator.
 
+    Notes
+    -----
     ``sample_outputs(x)`` returns the members' outputs, ``(M, B, K)``; ``n_samples`` must be
     ``None`` or ``M``, since the ensemble is represented exactly by its members.
     """
 
     name = "deep_ensemble"
+    #: What :meth:`from_candidates` chose (a :class:`~bayesdl.posteriors.selection.Selection`);
+    #: ``None`` for an ensemble built otherwise or loaded from a file.
+    selection = None
 
     def __init__(
         self,
@@ -291,6 +296,137 @@ class DeepEnsemble(StackedMembers):
             independent_data_order=independent_data_order,
             reinitialize=reinitialize,
             seed=seed,
+        )
+
+    @classmethod
+    def from_candidates(
+        cls,
+        train,
+        val=None,
+        *,
+        model: nn.Module | None = None,
+        likelihood: str | Likelihood = "gaussian",
+        candidates=None,
+        n_members: int = 5,
+        refit_members: int = 10,
+        keep_search_members: bool = True,
+        replacement: bool = False,
+        val_fraction: float = 0.2,
+        hidden=(50,),
+        epochs: int = 100,
+        batch_size: int = 128,
+        lr: float = 3e-3,
+        patience: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> DeepEnsemble:
+        """A fitted deep ensemble whose members mix hyper-parameter settings chosen on
+        validation data: a hyper-deep ensemble (Wenzel et al., 2020) by greedy ensemble
+        selection (Caruana et al., 2004).
+
+        1. Every candidate gets ``n_members`` members; all train as one stacked program on
+           ``train``, each early-stopped on ``val`` at its own best epoch.
+        2. Each candidate is scored by the mean validation log-likelihood of its members'
+           equal-weight mixture. From the best one, the candidate whose members raise the
+           mixture's validation log-likelihood most is added, until none does.
+        3. The chosen candidates are refitted on ``train`` and ``val`` together
+           (``refit_members`` each, each for its best search epoch), and their search members
+           join the refits. All members weigh equally.
+
+        The recipe of the UCI regression benchmark (``benchmarks/uci.py``), where it has the best
+        test log-likelihood of the library's methods. Standardise inputs and targets first (e.g.
+        :class:`bayesdl.data.Standardizer`): weight decay and learning rate assume unit scales.
+
+        Parameters
+        ----------
+        train:
+            ``(x, y)``: inputs ``(N, ...)`` (``(N, F)`` for the default network) and targets
+            ``(N,)`` or ``(N, T)`` (class labels ``(N,)`` for ``"categorical"``); tensors or
+            numpy arrays.
+        val:
+            Validation ``(x_val, y_val)``, shaped like ``train`` beyond the row axis, at least
+            5 rows. ``None``: a random ``val_fraction`` of ``train`` (seeded by ``seed``).
+        model:
+            The template network (its weights are not used: every member is re-initialised
+            with ``reset_parameters``). Candidates with dropout need an ``nn.Dropout`` layer in
+            it, whose rate each candidate replaces. ``None``: :func:`bayesdl.models.mlp` with
+            ``hidden`` ReLU layers, which :func:`bayesdl.load` rebuilds without code.
+        likelihood:
+            ``"gaussian"`` (default; mean and log-variance outputs), ``"categorical"``, or
+            another :class:`~bayesdl.likelihoods.Likelihood`.
+        candidates:
+            :class:`~bayesdl.posteriors.selection.Candidate` settings (or dicts of them:
+            ``prior_precision``, ``beta``, ``dropout``). ``None``:
+            :data:`~bayesdl.posteriors.selection.DEFAULT_CANDIDATES` (the five of the UCI
+            benchmark; the three with ``beta = 0`` for non-Gaussian likelihoods).
+        n_members:
+            Members per candidate in the search.
+        refit_members:
+            Members per chosen candidate in the refit on all rows (0: no refit).
+        keep_search_members:
+            Keep the chosen candidates' search members beside the refitted ones.
+        replacement:
+            Selection with replacement (Caruana's): a candidate may be chosen again, which
+            adds its members again.
+        val_fraction:
+            Share of ``train`` held out when ``val`` is ``None``.
+        hidden:
+            Hidden widths of the default network.
+        epochs, batch_size, lr, patience:
+            Adam training of every member; ``patience`` (default ``max(20, epochs / 5)``)
+            epochs without a better validation loss end the search.
+        seed:
+            Seeds the validation split, the initialisations and the data orders: the same seed
+            gives the same ensemble.
+        progress:
+            Show progress bars.
+
+        Returns
+        -------
+        DeepEnsemble
+            Fitted, with ``len(chosen) * (refit_members + n_members)`` members (fewer without
+            the refit or the search members); ``sample_outputs(x)`` is ``(M, B, K)``. Its
+            :attr:`selection` records the candidates' validation scores and the choice.
+            :func:`bayesdl.save` and :func:`bayesdl.load` keep the members (not the record).
+
+        Raises
+        ------
+        ValueError, TypeError
+            For empty or malformed candidates, mismatched shapes, too few validation rows, a
+            dropout candidate on a model without ``nn.Dropout``, or ``beta > 0`` with a
+            likelihood other than the Gaussian.
+
+        Examples
+        --------
+        >>> import torch, bayesdl as bdl
+        >>> x = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
+        >>> y = x[:, 0] - x[:, 1] ** 2
+        >>> ens = bdl.DeepEnsemble.from_candidates((x, y), epochs=20, refit_members=2)
+        >>> ens.predict(x[:4]).mean.shape
+        torch.Size([4])
+        >>> ens.selection.chosen  # doctest: +SKIP
+        (2, 0)
+        """
+        from bayesdl.posteriors.selection import ensemble_from_candidates
+
+        return ensemble_from_candidates(
+            train,
+            val,
+            model=model,
+            likelihood=likelihood,
+            candidates=candidates,
+            n_members=n_members,
+            refit_members=refit_members,
+            keep_search_members=keep_search_members,
+            replacement=replacement,
+            val_fraction=val_fraction,
+            hidden=hidden,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            patience=patience,
+            seed=seed,
+            progress=progress,
         )
 
     @property

@@ -134,6 +134,8 @@ class MCDropout(Posterior):
         which keeps the activations of a chunk near cache size (much faster on CPUs than one
         huge pass).
 
+    Notes
+    -----
     ``sample_outputs(x, n_samples)`` returns ``(S, B, K)``; draws are reproducible with a
     ``generator``. ``fit`` trains the module with dropout on, like any dropout network.
     """

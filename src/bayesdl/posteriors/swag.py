@@ -186,6 +186,8 @@ class SWAG(StackedMembers):
         the exact mean over the inputs for any batch size; the variance is the batch-size-
         weighted average of the batches' variances.
 
+    Notes
+    -----
     ``sample_outputs(x, n_samples)`` returns ``(S, B, K)``; ``S`` must be a multiple of ``M``
     and the draws come member by member (``S / M`` from member 0 first). ``n_samples=None``
     draws 100 (rounded up to a multiple of ``M``). Each ``fit`` collects a new trajectory.

@@ -111,6 +111,8 @@ class Laplace(Posterior):
         Prior precisions tried by ``prior_fit="validation"`` (default
         :data:`DEFAULT_PRIOR_GRID`).
 
+    Notes
+    -----
     ``sample_outputs(x, n_samples)`` returns ``(S, B, K)`` draws of the likelihood's natural
     parameters; ``predict`` turns them into a Prediction. The closed forms are
     :meth:`predictive_probs` (probit) and :meth:`predictive_moments` (regression). Predicting
