@@ -14,9 +14,21 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def test_every_example_is_covered():
     assert {p.name for p in EXAMPLES.glob("*.py")} == {
+        "forecast_sp500.py",
         "medical_referral.py",
         "regression_intervals.py",
     }
+
+
+def test_forecast_sp500(capsys):
+    pytest.importorskip("arch")
+    module = runpy.run_path(str(EXAMPLES / "forecast_sp500.py"), run_name="example")
+    results = module["main"](["--members", "2", "--epochs", "2"])
+    out = capsys.readouterr().out
+    assert "adaptive" in out and "Kupiec" in out
+    assert results["days"] == 1258
+    # adaptive conformal holds long-run coverage whatever the (here barely trained) model
+    assert abs(results["adaptive"] - 0.95) < 0.02, results
 
 
 def test_regression_intervals(monkeypatch, capsys):

@@ -50,7 +50,7 @@ def _series(values: object, name: str, dtype: torch.dtype) -> Tensor:
         t = values.detach().to("cpu", dtype)
     else:
         try:
-            t = torch.as_tensor(np.asarray(values, dtype=np.float64), dtype=dtype)
+            t = torch.as_tensor(np.array(values, dtype=np.float64), dtype=dtype)
         except (TypeError, ValueError) as err:
             raise TypeError(
                 f"{name} must be a sequence of numbers (a list, numpy array, tensor or pandas "
