@@ -49,7 +49,7 @@ def load_returns():
     return returns.index, returns.to_numpy()
 
 
-def ensemble_run(dates, r, first, quick: bool):
+def ensemble_run(r, first, quick: bool):
     data = forecast.lagged(r, LAGS, exog=np.abs(r), exog_names=["|r|"])
     start = int(np.searchsorted(data.time.numpy(), first))
     members, epochs = (2, 3) if quick else (5, 30)
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     dates, r = load_returns()
     years = dates.year.to_numpy()
     first_cal = int(np.searchsorted(years, 2013))
-    run = ensemble_run(dates, r, first_cal, args.quick)
+    run = ensemble_run(r, first_cal, args.quick)
     _log(f"ensemble walk-forward: {len(run.refits)} refits, {time.perf_counter() - start:.0f} s")
     times = run.time.numpy()
     y = run.y.double().numpy()

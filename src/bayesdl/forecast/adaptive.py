@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bayesdl.conformal import normalized_residuals
+from bayesdl.conformal import conformal_rank, normalized_residuals
+from bayesdl.metrics.regression import _check_open_level
 from bayesdl.predictions import RegressionPrediction
 
 __all__ = ["AdaptiveIntervals", "aci_coverage_bound", "adaptive_conformal"]
@@ -74,14 +75,7 @@ class AdaptiveIntervals:
 
 
 def _level(level: object) -> float:
-    if isinstance(level, bool) or not isinstance(level, (int, float)):
-        raise TypeError(f"level must be a number in (0, 1), got {level!r}.")
-    if not 0.0 < float(level) < 1.0:
-        raise ValueError(
-            f"level is the nominal coverage and must lie strictly between 0 and 1, got {level!r}; "
-            "e.g. level=0.9 for 90% intervals."
-        )
-    return float(level)
+    return _check_open_level(level, "level", "level=0.9 for 90% intervals")
 
 
 def aci_coverage_bound(level: float, gamma: float, n_steps: int, alpha_start=None) -> float:
@@ -162,7 +156,7 @@ def adaptive_conformal(
         elif a <= 0.0:
             q = math.inf
         else:
-            k = math.ceil((len(past) + 1) * (1.0 - a) * (1.0 - 1e-12))
+            k = conformal_rank(len(past), a)
             q = math.inf if k > len(past) else float(np.partition(past, k - 1)[k - 1])
         thresholds[t] = q
         covered[t] = a < 1.0 and scores[t] <= q

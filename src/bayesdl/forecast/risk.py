@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bayesdl.metrics.regression import _check_open_level
 from bayesdl.predictions import RegressionPrediction
 
 __all__ = [
@@ -38,14 +39,7 @@ __all__ = [
 
 
 def _confidence(confidence: object) -> float:
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
-        raise TypeError(f"confidence must be a number in (0, 1), got {confidence!r}.")
-    if not 0.0 < float(confidence) < 1.0:
-        raise ValueError(
-            f"confidence must lie strictly between 0 and 1, got {confidence!r}; e.g. 0.99 for "
-            "the 99% value at risk."
-        )
-    return float(confidence)
+    return _check_open_level(confidence, "confidence", "confidence=0.99 for the 99% VaR")
 
 
 def _one_target(prediction: object) -> RegressionPrediction:
@@ -74,8 +68,9 @@ def expected_shortfall(prediction: RegressionPrediction, confidence: float = 0.9
     sd = pred.variances.sqrt()
     z = (v - pred.means) / sd
     normal_pdf = torch.exp(-0.5 * z**2) / math.sqrt(2.0 * math.pi)
-    partial = (pred.means * torch.special.ndtr(z) - sd * normal_pdf).mean(0)
-    tail = torch.special.ndtr(z).mean(0)  # = 1 - c up to the quantile's tolerance
+    below = torch.special.ndtr(z)
+    partial = (pred.means * below - sd * normal_pdf).mean(0)
+    tail = below.mean(0)  # = 1 - c up to the quantile's tolerance
     return -partial / tail
 
 
