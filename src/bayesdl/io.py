@@ -126,6 +126,21 @@ def save(
         inputs; recorded so that the file predicts from raw tables (``bayesdl predict``). The
         feature names default to its encoded features' names.
     """
+    header, tensors = model_payload(
+        posterior, feature_names=feature_names, standardizer=standardizer, pipeline=pipeline
+    )
+    write_file(path, "model", header, tensors)
+
+
+def model_payload(
+    posterior: Posterior | PosteriorWrapper,
+    *,
+    feature_names: Sequence[str] | None = None,
+    standardizer: Standardizer | None = None,
+    pipeline: TabularPipeline | None = None,
+) -> tuple[dict, dict[str, Tensor]]:
+    """The header and tensors :func:`save` writes (for files that hold a posterior among other
+    things, such as a bandit agent's); :func:`posterior_from_payload` reads them back."""
     check_posterior(posterior)
     wrappers = []
     inner = posterior
@@ -175,7 +190,7 @@ def save(
         header["standardization"] = _standardization(standardizer, shape)
         tensors[_X_MEAN] = standardizer.x_mean.detach()
         tensors[_X_STD] = standardizer.x_std.detach()
-    write_file(path, "model", header, tensors)
+    return header, tensors
 
 
 def _output_width(posterior: Posterior, shape: tuple[int, ...]) -> int:
@@ -241,7 +256,10 @@ def _int_list(value, key: str, path: str) -> tuple[int, ...]:
 
 def _read(path: str | os.PathLike) -> tuple[ModelInfo, dict[str, Tensor]]:
     header, tensors = read_file(path, "model")
-    path = os.fspath(path)
+    return _parse(header, tensors, os.fspath(path))
+
+
+def _parse(header: dict, tensors: dict[str, Tensor], path: str):
     dtype_text = _field(header, "dtype", str, path)
     if dtype_text not in _DTYPES:
         raise ModelFileError(f"{path!r} names an unknown dtype {dtype_text!r}.")
@@ -351,7 +369,23 @@ def load(
         know, or its tensors do not fit ``model``. No partly built posterior is returned.
     """
     info, state = _read(path)
-    path = os.fspath(path)
+    return _build(info, state, os.fspath(path), model, map_location)
+
+
+def posterior_from_payload(
+    header: dict,
+    tensors: dict[str, Tensor],
+    path: str,
+    model: nn.Module | None = None,
+    map_location: torch.device | str | None = None,
+) -> Posterior | PosteriorWrapper:
+    """The posterior of a header and tensors from :func:`model_payload`, checked as
+    :func:`load` checks a model file (``path`` names the file in errors)."""
+    info, state = _parse(header, tensors, path)
+    return _build(info, state, path, model, map_location)
+
+
+def _build(info: ModelInfo, state, path: str, model, map_location):
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if model is None and info.network is None:

@@ -265,6 +265,10 @@ class Objective(Protocol):
       methods that act on the trajectory (SWAG) or adjust the optimiser's learning rate.
     * ``n_members``, for stacked objectives whose every parameter has a leading member axis of
       that length (needed for one weight decay per member).
+    * ``bootstrap``: ``True`` for a stacked objective (``n_orders = K``) whose members each train
+      on their own bootstrap resample of the training tensors: ``n`` rows drawn with
+      replacement once per fit (from the data seed, so a resumed fit draws the same), then
+      shuffled every epoch.
     * ``checkpoint_state() -> (json_part, tensors)`` and ``load_checkpoint_state(json_part,
       tensors)``, for checkpoints (:mod:`bayesdl.checkpoint`): state that changes during the
       fit but is not in ``state()`` (SWAG's moments; VI's noise pool and epoch counter). The
@@ -375,16 +379,37 @@ def _member_limits(objective: Objective, state: list[Tensor], config: TrainConfi
 
 
 def _tensor_batches(
-    data: TensorData, batch_size: int, n_orders: int, generator: torch.Generator
+    data: TensorData,
+    batch_size: int,
+    n_orders: int,
+    generator: torch.Generator,
+    rows: Tensor | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Shuffled batches; ``rows`` ``(n_orders, n)``: each member's bootstrap rows to shuffle."""
     n = len(data)
     if n_orders == 1:
         order = torch.randperm(n, generator=generator).to(data.x.device)
     else:  # one independent permutation per member, drawn in one call
-        order = torch.rand(n_orders, n, generator=generator).argsort(dim=1).to(data.x.device)
+        order = torch.rand(n_orders, n, generator=generator).argsort(dim=1)
+        order = (order if rows is None else rows.gather(1, order)).to(data.x.device)
     for start in range(0, n, batch_size):
         idx = order[..., start : start + batch_size]
         yield data.x[idx], data.y[idx]
+
+
+def _bootstrap_rows(objective, train, data_seed: int) -> Tensor | None:
+    """Each member's bootstrap resample ``(K, n)`` for an objective that asks for one."""
+    if not getattr(objective, "bootstrap", False):
+        return None
+    if not isinstance(train, TensorData):
+        raise ValueError(
+            "bootstrap resampling needs the training data as tensors (x, y), not a DataLoader: "
+            "pass the tensors, or build the ensemble with bootstrap=False."
+        )
+    n = len(train)
+    # Its own stream, derived from the data seed: the epochs' shuffles stay as without it.
+    generator = torch.Generator().manual_seed((data_seed * 0x9E3779B1 + 0xB5) % 2**63)
+    return torch.randint(n, (objective.n_orders, n), generator=generator)
 
 
 def loader_batches(
@@ -521,6 +546,7 @@ def fit(
             )
         train, val = _split(train, config.val_fraction, generator)
     n_data = len(train) if isinstance(train, TensorData) else len(train.dataset)
+    boot_rows = _bootstrap_rows(objective, train, data_seed)
 
     params = objective.parameters()
     optimizer = _make_optimizer(params, config)
@@ -564,7 +590,7 @@ def fit(
             objective.train(True)
             _copy_into(candidate, state)
             batches = (
-                _tensor_batches(train, config.batch_size, objective.n_orders, generator)
+                _tensor_batches(train, config.batch_size, objective.n_orders, generator, boot_rows)
                 if isinstance(train, TensorData)
                 else loader_batches(train, prepare, objective.n_orders)
             )

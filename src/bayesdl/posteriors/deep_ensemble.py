@@ -51,6 +51,7 @@ class _EnsembleObjective:
         self.ensemble = ensemble
         self.n_members = ensemble.n_members
         self.n_orders = ensemble.n_members if ensemble.independent_data_order else 1
+        self.bootstrap = getattr(ensemble, "bootstrap", False)
 
     def parameters(self) -> list[Tensor]:
         return list(self.ensemble._params.values())
@@ -267,6 +268,11 @@ class DeepEnsemble(StackedMembers):
     seed:
         Seed of the initialisations (member ``m`` uses ``seed + m``); ``None`` draws one from
         torch's global generator.
+    bootstrap:
+        Each member trains on its own bootstrap resample of the training tensors (``n`` rows
+        drawn with replacement, once per ``fit``; default ``False``): bagging, as in
+        bootstrapped Thompson sampling (Osband et al., 2016). Needs
+        ``independent_data_order=True`` and the data as tensors, not a DataLoader.
 
     Notes
     -----
@@ -288,7 +294,16 @@ class DeepEnsemble(StackedMembers):
         independent_data_order: bool = True,
         reinitialize: bool = True,
         seed: int | None = None,
+        bootstrap: bool = False,
     ) -> None:
+        if not isinstance(bootstrap, bool):
+            raise TypeError(f"bootstrap must be True or False, got {bootstrap!r}.")
+        if bootstrap and not independent_data_order:
+            raise ValueError(
+                "bootstrap=True gives each member its own resample of the data, which needs "
+                "independent_data_order=True."
+            )
+        self.bootstrap = bootstrap
         super().__init__(
             model,
             likelihood,
@@ -297,6 +312,9 @@ class DeepEnsemble(StackedMembers):
             reinitialize=reinitialize,
             seed=seed,
         )
+
+    def options(self) -> dict:
+        return {**super().options(), "bootstrap": self.bootstrap}
 
     @classmethod
     def from_candidates(
