@@ -26,6 +26,7 @@ standard error over the seeds. The runs are independent, so they are spread over
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -260,8 +261,13 @@ def main(argv=None) -> int:
     ]
     start = time.perf_counter()
     runs = []
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        for r in pool.map(one_run, tasks):
+    with contextlib.ExitStack() as stack:
+        if args.workers > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=args.workers))
+            results_iter = pool.map(one_run, tasks)
+        else:  # in this process (tests, debugging)
+            results_iter = map(one_run, tasks)
+        for r in results_iter:
             runs.append(r)
             print(
                 f"{r['problem']:>10} seed {r['seed']} {r['agent']:<26} regret {r['regret']:9.1f}"

@@ -137,6 +137,12 @@ def _cli(ns):
     }
 
 
+def _bandits(ns):
+    # Thompson sampling well below the uniform agent; safe mode and a saved agent as promised
+    assert 0 < ns["relative"] < 60
+    assert ns["safe_or_fallback"] and ns["same"]
+
+
 CHECKS = {
     "predictions": _predictions,
     "deep-ensembles": _deep_ensembles,
@@ -149,6 +155,7 @@ CHECKS = {
     "decisions": _decisions,
     "saving": _saving,
     "cli": _cli,
+    "bandits": _bandits,
 }
 
 
