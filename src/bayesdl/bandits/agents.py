@@ -28,10 +28,12 @@ import math
 from abc import ABC, abstractmethod
 from enum import Enum
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from bayesdl._options import resolve
+from bayesdl.data import as_inputs
 from bayesdl.models import mlp
 from bayesdl.posteriors.base import Posterior
 from bayesdl.posteriors.deep_ensemble import DeepEnsemble
@@ -110,9 +112,10 @@ class Agent(ABC):
 
     # ----------------------------------------------------------------- boundary helpers
     def _contexts(self, contexts) -> Tensor:
-        x = torch.as_tensor(contexts)
-        if not x.is_floating_point():
-            x = x.to(torch.get_default_dtype())
+        x = torch.as_tensor(contexts) if isinstance(contexts, np.ndarray) else contexts
+        float_input = isinstance(x, Tensor) and x.is_floating_point()
+        dtype = x.dtype if float_input else torch.get_default_dtype()
+        x = as_inputs(x, dtype=dtype, device=torch.device("cpu"), name="contexts")
         if x.ndim != 2:
             raise ValueError(f"contexts must be a (B, d) array, got shape {tuple(x.shape)}.")
         if self.context_dim is None:
@@ -122,8 +125,6 @@ class Agent(ABC):
                 f"contexts have {x.shape[1]} features, but this agent has seen contexts of "
                 f"{self.context_dim}; pass (B, {self.context_dim}) arrays."
             )
-        if not torch.isfinite(x).all():
-            raise ValueError("contexts contain NaN or inf.")
         return x
 
     def _observations(self, contexts, actions, rewards) -> tuple[Tensor, Tensor, Tensor]:
@@ -587,6 +588,12 @@ class LinearThompson(Agent):
         """Each action's posterior: mean ``(A, p)``, precision ``(A, p, p)`` (of ``beta`` in
         units of ``sigma^2``: ``Cov = sigma^2 Lambda^-1``), and the inverse-gamma ``a, b``
         ``(A,)``; ``p = d + 1`` (the last coefficient is the intercept)."""
+        mean, precision, _, a, b = self._posterior()
+        return mean, precision, a, b
+
+    def _posterior(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`posterior_parameters` and the precision's Cholesky factor (after the
+        precision)."""
         if self._xtx is None:
             raise ValueError("the agent has seen no context yet.")
         p = self._xtx.shape[1]
@@ -596,7 +603,7 @@ class LinearThompson(Agent):
         a = self.a0 + self._count / 2
         quad = (mean * (precision @ mean[..., None])[..., 0]).sum(-1)
         b = self.b0 + 0.5 * (self._yty - quad).clamp_min(0.0)
-        return mean, precision, a, b
+        return mean, precision, chol, a, b
 
     def act(self, contexts, *, generator=None) -> Tensor:
         x = self._contexts(contexts)
@@ -606,14 +613,13 @@ class LinearThompson(Agent):
         forced = max(0, min(n, self.initial_pulls * self.n_actions - self.n_decided))
         actions = (self.n_decided + torch.arange(n)) % self.n_actions
         if forced < n:
-            mean, precision, a, b = self.posterior_parameters()
+            mean, _, chol, a, b = self._posterior()
             g = _cpu(generator)
             m = n - forced
             # sigma^2 ~ InvGamma(a, b) per decision and action: b / Gamma(a, 1).
             gamma = torch._standard_gamma(a.expand(m, -1).contiguous(), generator=g)
             sigma2 = b / gamma  # (m, A)
             # beta = mean + sigma * L^-T z, with precision = L L^T: covariance sigma^2 Lambda^-1.
-            chol = torch.linalg.cholesky(precision)  # (A, p, p)
             z = torch.randn(m, *mean.shape, generator=g, dtype=torch.float64)  # (m, A, p)
             offset = torch.linalg.solve_triangular(
                 chol.mT.expand(m, -1, -1, -1), z[..., None], upper=True
