@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bayesdl import metrics
+from bayesdl import distributed, metrics
 from bayesdl._version import __version__
 from bayesdl.calibration import calibrate
 from bayesdl.conformal import ConformalPredictor, aps_sets, conformalize
@@ -215,7 +215,9 @@ def add_subcommands(subparsers) -> None:
         "Reads DATA, holds out --val-fraction of the rows (seeded) for early stopping, fits the "
         "column encoding on the training rows (numeric columns standardised, text columns "
         "one-hot), trains an MLP under the chosen posterior and writes one model file that "
-        "predicts from raw tables.",
+        "predicts from raw tables. Under torchrun (torchrun --nproc-per-node 2 -m bayesdl fit "
+        "...) the processes train together over torch.distributed (gloo) and rank 0 writes the "
+        "file.",
     )
     fit.add_argument(
         "data", metavar="DATA", help="training data: .csv, .parquet, .npz or a UCI folder"
@@ -271,6 +273,13 @@ def add_subcommands(subparsers) -> None:
         default=None,
         metavar="M",
         help=f"deep_ensemble: number of networks (default {DEFAULT_MEMBERS})",
+    )
+    fit.add_argument(
+        "--parallel",
+        choices=("data", "members"),
+        default="data",
+        help="under torchrun: shard every batch over the processes (data, default) or give "
+        "each process its share of the deep_ensemble's members (members)",
     )
     fit.add_argument(
         "--val-fraction",
@@ -704,6 +713,21 @@ def _cells(values: np.ndarray) -> list[str]:
 # ---------------------------------------------------------------------------- fit
 def _fit(args: argparse.Namespace) -> int:
     out = _check_output(args.out, "the model")
+    if args.parallel == "members" and args.method != "deep_ensemble":
+        raise CommandError(
+            f"--parallel members spreads a deep_ensemble's members; {args.method} has none to "
+            "spread: use --parallel data."
+        )
+    group = distributed.init("gloo")  # under torchrun: join the other processes
+    try:
+        return _fit_here(args, out, group)
+    finally:
+        distributed.shutdown()
+
+
+def _fit_here(args: argparse.Namespace, out: Path, group: distributed.Group | None) -> int:
+    """``fit`` in this process; with a process ``group``, trained with the others and written
+    and reported by rank 0 alone."""
     cls = get_posterior(args.method)
     notes = []
     dropout = args.dropout
@@ -750,7 +774,10 @@ def _fit(args: argparse.Namespace) -> int:
             patience=patience if val_data is not None else None,
             seed=args.seed,
             progress=False if args.quiet else None,
+            parallel=args.parallel,
         )
+    if group is not None and group.rank != 0:
+        return 0
     validation = None
     if val_data is not None:
         pred = posterior.predict(val_data[0], generator=_generator(args.seed))
@@ -780,6 +807,10 @@ def _fit(args: argparse.Namespace) -> int:
         + (f", dropout {dropout:g}" if dropout else "")
     )
     lines += notes
+    if group is not None:
+        lines.append(
+            f"processes: {group.world} (torch.distributed, gloo; parallel {args.parallel})"
+        )
     if history.epochs_run:
         lines.append(
             f"training: {history.epochs_run} epochs"

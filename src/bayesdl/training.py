@@ -23,23 +23,27 @@ import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
+from bayesdl import distributed
 from bayesdl._options import resolve
 from bayesdl.checkpoint import Checkpoint, LoopState, tensor_signature
 from bayesdl.data import TensorData
+from bayesdl.distributed import Group, MemberShard
 
 __all__ = [
     "History",
     "LRSchedule",
     "Objective",
     "OptimizerName",
+    "Parallel",
     "TrainConfig",
     "TrainingDivergedError",
     "fit",
@@ -67,6 +71,16 @@ class LRSchedule(str, Enum):
     CONSTANT = "constant"
     #: Cosine decay from ``lr`` at the first epoch towards 0 at the last (per epoch).
     COSINE = "cosine"
+
+
+class Parallel(str, Enum):
+    """What a distributed fit spreads over the processes (see :mod:`bayesdl.distributed`)."""
+
+    #: Every process trains the whole model on its shard of each mini-batch; gradients summed.
+    DATA = "data"
+    #: Stacked members (deep ensembles, MultiSWAG) split between the processes, each trained
+    #: on all the data; gathered at the end.
+    MEMBERS = "members"
 
 
 class OptimizerName(str, Enum):
@@ -111,6 +125,11 @@ class TrainConfig:
         ``resume``, a checkpoint already there is replaced.
     checkpoint_every: write the checkpoint after every this many epochs (default 1), and always
         after the last epoch (also when early stopping ends the fit).
+    distributed: run over the processes of an initialised ``torch.distributed`` group (see
+        :mod:`bayesdl.distributed`): ``None`` (default) when there is one of more than one
+        process, ``True`` requires one, ``False`` trains in this process alone.
+    parallel: what a distributed fit spreads over the processes, ``"data"`` (default: shards of
+        every mini-batch) or ``"members"`` (stacked members); see :class:`Parallel`.
     resume: continue from the checkpoint in ``checkpoint_dir`` (needs it): the weights, the
         optimiser, the schedule, early stopping, the random streams and the method's own state
         (SWAG's moments, VI's noise) are restored and training goes on with the next epoch.
@@ -140,6 +159,8 @@ class TrainConfig:
     checkpoint_dir: str | os.PathLike | None = None
     checkpoint_every: int = 1
     resume: bool = False
+    distributed: bool | None = None
+    parallel: Parallel | str = Parallel.DATA
 
     def __post_init__(self) -> None:
         def bad(name, want):
@@ -200,6 +221,9 @@ class TrainConfig:
                 "resume=True continues from a checkpoint, but no checkpoint_dir was given; pass "
                 "checkpoint_dir=, the folder the interrupted fit wrote its checkpoint to."
             )
+        if self.distributed not in (None, True, False):
+            raise bad("distributed", "None, True or False")
+        self.parallel = resolve(Parallel, self.parallel, "parallel")
         self.lr_schedule = resolve(LRSchedule, self.lr_schedule, "lr_schedule")
         self.optimizer = resolve(OptimizerName, self.optimizer, "optimizer")
 
@@ -384,21 +408,34 @@ def _tensor_batches(
     n_orders: int,
     generator: torch.Generator,
     rows: Tensor | None = None,
+    members: MemberShard | None = None,
+    stacked: bool | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Shuffled batches; ``rows`` ``(n_orders, n)``: each member's bootstrap rows to shuffle."""
+    """Shuffled batches; ``rows`` ``(n_orders, n)``: each member's bootstrap rows to shuffle.
+
+    With ``members`` (member-parallel) the orders of all ``n_orders`` members are drawn and
+    those of this process's members kept; ``stacked=False`` then means it keeps one member and
+    yields its batches without the member axis.
+    """
     n = len(data)
     if n_orders == 1:
         order = torch.randperm(n, generator=generator).to(data.x.device)
     else:  # one independent permutation per member, drawn in one call
         order = torch.rand(n_orders, n, generator=generator).argsort(dim=1)
-        order = (order if rows is None else rows.gather(1, order)).to(data.x.device)
+        order = order if rows is None else rows.gather(1, order)
+        if members is not None:
+            order = order[members.members] if stacked else order[members.lo]
+        order = order.to(data.x.device)
     for start in range(0, n, batch_size):
         idx = order[..., start : start + batch_size]
         yield data.x[idx], data.y[idx]
 
 
-def _bootstrap_rows(objective, train, data_seed: int) -> Tensor | None:
-    """Each member's bootstrap resample ``(K, n)`` for an objective that asks for one."""
+def _bootstrap_rows(
+    objective, train, data_seed: int, members: MemberShard | None = None
+) -> Tensor | None:
+    """Each member's bootstrap resample ``(K, n)`` for an objective that asks for one (drawn
+    for all ``K`` members also when this process trains some of them)."""
     if not getattr(objective, "bootstrap", False):
         return None
     if not isinstance(train, TensorData):
@@ -407,9 +444,10 @@ def _bootstrap_rows(objective, train, data_seed: int) -> Tensor | None:
             "pass the tensors, or build the ensemble with bootstrap=False."
         )
     n = len(train)
+    members_total = objective.n_orders if members is None else members.total
     # Its own stream, derived from the data seed: the epochs' shuffles stay as without it.
     generator = torch.Generator().manual_seed((data_seed * 0x9E3779B1 + 0xB5) % 2**63)
-    return torch.randint(n, (objective.n_orders, n), generator=generator)
+    return torch.randint(n, (members_total, n), generator=generator)
 
 
 def loader_batches(
@@ -487,6 +525,7 @@ def _run_identity(
     config: TrainConfig,
     train: TensorData | DataLoader,
     val: TensorData | None,
+    processes: int = 1,
 ) -> dict:
     """What a checkpoint must match to be resumed by this run (see :mod:`bayesdl.checkpoint`)."""
     if isinstance(train, TensorData):
@@ -498,12 +537,105 @@ def _run_identity(
     else:
         data = {"n_train": len(train.dataset)}
     data["n_val"] = None if val is None else len(val)
+    if processes > 1:  # the per-example noise of each process depends on how many there are
+        data["processes"] = processes
     return {
         **(identity or {}),
         "state": {str(i): tensor_signature(t) for i, t in enumerate(state)},
         "training": config._trajectory(),
         "data": data,
     }
+
+
+def _mix(*values: int) -> int:
+    """A seed derived from several integers (Python hashes tuples of ints deterministically)."""
+    return hash(values) % 2**63
+
+
+@contextlib.contextmanager
+def _own_noise(seed: int, device: torch.device):
+    """This process's own global generator (per-example noise, e.g. dropout masks) for one
+    step of a distributed fit; the shared one is left as it was."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def _sum_gradients(group: Group, params: list[Tensor]) -> None:
+    """Sum the gradients over the processes (a parameter this process did not reach counts 0)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    group.sum_([p.grad for p in params])
+
+
+def _shard_batches(
+    batches: Iterator[tuple[Tensor, Tensor]], group: Group, stacked: bool
+) -> Iterator[tuple[Tensor, Tensor, float]]:
+    """This process's contiguous rows of each global batch (the same batches on every process),
+    with its share of the batch's rows as the loss weight."""
+    dim = 1 if stacked else 0
+    for xb, yb in batches:
+        rows = yb.shape[dim]
+        lo, hi = group.share(rows)
+        yield xb.narrow(dim, lo, hi - lo), yb.narrow(dim, lo, hi - lo), (hi - lo) / rows
+
+
+def _joined_batches(
+    batches: Iterator[tuple[Tensor, Tensor]], group: Group, stacked: bool
+) -> Iterator[tuple[Tensor, Tensor, float]]:
+    """Each process's own batches (a DataLoader shard), stepped together: every step sums the
+    rows over the processes; one that has run out takes part with none until all have."""
+    dim = 1 if stacked else 0
+    done = False
+    while True:
+        batch = None if done else next(batches, None)
+        done = batch is None
+        rows = 0 if done else batch[1].shape[dim]
+        (total,) = group.sum_values(rows)
+        if total == 0:
+            return
+        if done:
+            yield None, None, 0.0
+        else:
+            yield batch[0], batch[1], rows / total
+
+
+def _data_size(train: TensorData | DataLoader, group: Group | None) -> int:
+    """``N`` for the loss (the KL term of a variational objective is divided by it)."""
+    if isinstance(train, TensorData):
+        return len(train)
+    if group is None or isinstance(train.sampler, DistributedSampler):
+        return len(train.dataset)  # a DistributedSampler shards one dataset held by every process
+    return int(group.sum_values(len(train.dataset))[0])  # each process holds its own part
+
+
+def _check_same_data(group: Group, train: TensorData, val: TensorData | None) -> None:
+    sums = [len(train), float(train.x.double().sum()), float(train.y.double().sum())]
+    if val is not None:
+        sums += [len(val), float(val.x.double().sum()), float(val.y.double().sum())]
+    group.check_same(
+        "training tensors (rows, sum of x, sum of y)",
+        sums,
+        "pass every process the same (x, y) (each trains on its share of every batch), or give "
+        "each process its own shard as a DataLoader.",
+    )
+
+
+def _member_config(config: TrainConfig, shard: MemberShard) -> TrainConfig:
+    """The options of this process's members: per-member values cut to its share."""
+    changes = {}
+    for name in ("weight_decay", "member_epochs"):
+        values = getattr(config, name)
+        if isinstance(values, tuple):
+            if len(values) != shard.total:
+                raise ValueError(
+                    f"{name} got {len(values)} values, but there are {shard.total} members; "
+                    f"pass {shard.total} values or one."
+                )
+            changes[name] = values[shard.members]
+    return replace(config, **changes) if changes else config
 
 
 def fit(
@@ -515,9 +647,12 @@ def fit(
     prepare=None,
     device: torch.device | None = None,
     identity: dict | None = None,
+    members: MemberShard | None = None,
 ) -> History:
     """Run the loop. ``prepare`` checks and moves DataLoader batches; ``val`` is validation data;
-    ``identity`` (JSON-able: method, options, likelihood) is what a checkpoint must match.
+    ``identity`` (JSON-able: method, options, likelihood) is what a checkpoint must match;
+    ``members``: with ``parallel="members"``, the stacked members this process trains (the
+    objective holds just those).
 
     Returns a :class:`History`. With validation data, the weights of the best validation epoch
     (of each member, for stacked objectives) are restored at the end.
@@ -525,17 +660,36 @@ def fit(
     device = device or torch.device("cpu")
     if isinstance(train, TensorData) and len(train) == 0:
         raise ValueError("the training data is empty; pass at least one example.")
+    if members is not None:
+        group = members.group
+        dp = None
+        config = _member_config(config, members)
+    else:
+        group = dp = distributed.resolve(config.distributed)
+        if dp is not None and config.parallel is Parallel.MEMBERS:
+            raise ValueError(
+                "parallel='members' spreads stacked members over the processes; this method "
+                "has none. Use parallel='data' (the default), or a deep ensemble or MultiSWAG."
+            )
+    processes = 1 if group is None else group.world
     state = objective.state()
     checkpoint = saved = None
     if config.checkpoint_dir is not None:
+        folder = Path(config.checkpoint_dir)
+        if members is not None:  # each process keeps its own members' run
+            folder = folder / f"members-{members.lo}-{members.hi}-of-{members.total}"
         checkpoint = Checkpoint(
-            config.checkpoint_dir, _run_identity(identity, state, config, train, val), device
+            folder, _run_identity(identity, state, config, train, val, processes), device
         )
         if config.resume:
             saved = checkpoint.load()  # None: no checkpoint yet, start from scratch
+        if dp is not None and dp.rank != 0:
+            checkpoint = None  # the weights are the same everywhere: rank 0 writes
     data_seed = config.seed
     if data_seed is None:  # a resumed unseeded run keeps its data order and split
         data_seed = saved.data_seed if saved else int(torch.randint(2**62, ()).item())
+        if group is not None and saved is None:
+            data_seed = group.broadcast_int(data_seed)
     generator = torch.Generator()
     generator.manual_seed(data_seed)
     if val is None and config.val_fraction > 0:
@@ -545,8 +699,20 @@ def fit(
                 "val_data=(x_val, y_val) instead."
             )
         train, val = _split(train, config.val_fraction, generator)
-    n_data = len(train) if isinstance(train, TensorData) else len(train.dataset)
-    boot_rows = _bootstrap_rows(objective, train, data_seed)
+    if group is not None and isinstance(train, TensorData):
+        _check_same_data(group, train, val)
+    n_data = _data_size(train, dp)
+    boot_rows = _bootstrap_rows(objective, train, data_seed, members)
+    # Data orders are drawn for every member, so each keeps the one it has in a single process.
+    independent = getattr(objective, "independent_data_order", objective.n_orders > 1)
+    n_orders = members.total if members is not None and independent else objective.n_orders
+    # The seed of the global generator inside the fit: in member-parallel runs each process's.
+    run_seed = config.seed
+    if members is not None:
+        run_seed = _mix(data_seed if config.seed is None else config.seed, members.lo)
+    if dp is not None and saved is None:
+        dp.broadcast_(state)  # the same starting weights everywhere
+    before_step = getattr(objective, "before_step", None) if dp is not None else None
 
     params = objective.parameters()
     optimizer = _make_optimizer(params, config)
@@ -568,7 +734,8 @@ def fit(
         saved.restore(run, objective, optimizer, generator)
     history = run.history
     last_epoch = run.epoch if saved is not None and saved.finished else config.epochs
-    bar = _progress(config.epochs, config.progress, run.epoch)
+    quiet = group is not None and group.rank != 0  # one progress bar, rank 0's
+    bar = _progress(config.epochs, False if quiet else config.progress, run.epoch)
 
     def diverged(epoch: int, restore: list[Tensor], good_epoch: int) -> TrainingDivergedError:
         _copy_into(state, restore)
@@ -579,38 +746,69 @@ def fit(
         objective.train(False)
         return TrainingDivergedError(epoch, good_epoch)
 
-    with _seeded(config.seed, device):
-        if saved is not None and config.seed is not None:
+    def agreed(flag: bool) -> bool:  # member-parallel processes decide together
+        return flag if members is None else group.any(flag)
+
+    stacked = objective.n_orders > 1
+    with _seeded(run_seed, device):
+        if saved is not None and run_seed is not None:
             saved.restore_rng(device)
         for epoch in range(run.epoch + 1, last_epoch + 1):
             if config.lr_schedule is LRSchedule.COSINE:
                 rate = 0.5 * config.lr * (1 + math.cos(math.pi * (epoch - 1) / config.epochs))
-                for group in optimizer.param_groups:
-                    group["lr"] = rate
+                for group_ in optimizer.param_groups:
+                    group_["lr"] = rate
             objective.train(True)
             _copy_into(candidate, state)
-            batches = (
-                _tensor_batches(train, config.batch_size, objective.n_orders, generator, boot_rows)
-                if isinstance(train, TensorData)
-                else loader_batches(train, prepare, objective.n_orders)
-            )
+            if isinstance(train, TensorData):
+                batches = _tensor_batches(
+                    train, config.batch_size, n_orders, generator, boot_rows, members, stacked
+                )
+                if dp is not None:
+                    batches = _shard_batches(batches, dp, stacked)
+            else:
+                batches = loader_batches(train, prepare, objective.n_orders)
+                if dp is not None:
+                    batches = _joined_batches(batches, dp, stacked)
             total, count, first = 0.0, 0, True
-            for xb, yb in batches:
+            for step, batch in enumerate(batches):
+                xb, yb = batch[0], batch[1]
                 optimizer.zero_grad(set_to_none=True)
-                loss = objective.loss(xb, yb, n_data)
+                if before_step is not None:  # noise every process shares (a weight draw)
+                    before_step()
+                rows = 0 if yb is None else yb.shape[1] if stacked else len(yb)
+                if rows and dp is not None:
+                    with _own_noise(_mix(data_seed, dp.rank, epoch, step), device):
+                        loss = objective.loss(xb, yb, n_data)
+                elif rows:
+                    loss = objective.loss(xb, yb, n_data)
                 if first:  # one check per epoch: are this epoch's starting weights good?
-                    if not bool(torch.isfinite(loss).all()):
+                    bad = bool(rows) and not bool(torch.isfinite(loss).all())
+                    if bad if group is None else group.any(bad):
                         raise diverged(epoch, run.verified, run.verified_epoch)
                     first = False
-                loss.sum().backward()
+                if dp is not None:
+                    if rows:
+                        (loss.sum() * batch[2]).backward()
+                    _sum_gradients(dp, params)
+                else:
+                    loss.sum().backward()
                 if member_decay is not None:
                     member_decay.apply(optimizer)
                 optimizer.step()
-                rows = yb.shape[1] if objective.n_orders > 1 else len(yb)
-                total = total + loss.detach().mean() * rows
+                if not rows:
+                    continue
+                if members is not None:
+                    total = total + loss.detach().sum() * (rows / members.total)
+                else:
+                    total = total + loss.detach().mean() * rows
                 count += rows
+            if dp is not None:
+                total, count = dp.sum_values(float(total), count)
+            elif members is not None:
+                (total,) = group.sum_values(float(total))
             epoch_loss = float(total) / max(count, 1)
-            if not math.isfinite(epoch_loss) or not _all_finite(state):
+            if agreed(not math.isfinite(epoch_loss) or not _all_finite(state)):
                 raise diverged(epoch, candidate, epoch - 1)
             run.verified, candidate, run.verified_epoch = candidate, run.verified, epoch - 1
             history.train_loss.append(epoch_loss)
@@ -623,7 +821,7 @@ def fit(
                     _copy_into(run.final, state, ending)
 
             if val is not None:
-                _track_best(run, objective, state, val, limits, epoch)
+                _track_best(run, objective, state, val, limits, epoch, dp, members)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{epoch_loss:.4g}")
@@ -646,9 +844,29 @@ def fit(
     if run.best is not None:
         _copy_into(state, run.best)
         if run.member_best is not None:
-            history.member_best_epochs = run.member_best.tolist()
+            best = run.member_best
+            if members is not None:
+                best = group.gather(best.to(group.device)).cpu()
+            history.member_best_epochs = best.tolist()
     objective.train(False)
     return history
+
+
+def _validation_loss(
+    objective: Objective, val: TensorData, state: list[Tensor], dp: Group | None
+) -> Tensor:
+    """The mean validation loss (one per member for stacked objectives); over the processes'
+    row shards in a data-parallel fit (every process gets the same value)."""
+    with torch.no_grad():
+        if dp is None:
+            return objective.val_loss(val.x, val.y).detach()
+        lo, hi = dp.share(len(val))
+        # A process without rows still runs one (weighted 0), drawing what the others draw.
+        rows = slice(lo, hi) if hi > lo else slice(0, 1)
+        part = objective.val_loss(val.x[rows], val.y[rows]).detach() * (hi - lo)
+        part = part.to(dp.device).contiguous()
+        dp.sum_([part])
+        return (part / len(val)).to(state[0].device)
 
 
 def _track_best(
@@ -658,29 +876,39 @@ def _track_best(
     val: TensorData,
     limits: Tensor | None,
     epoch: int,
+    dp: Group | None = None,
+    members: MemberShard | None = None,
 ) -> None:
     """Early stopping's bookkeeping after ``epoch``: the validation loss, the best weights (per
-    member) and the epochs since the last improvement."""
+    member) and the epochs since the last improvement (decided together by member-parallel
+    processes)."""
     objective.train(False)
-    with torch.no_grad():
-        vl = objective.val_loss(val.x, val.y).detach()
-    run.history.val_loss.append(float(vl.mean()))
+    vl = _validation_loss(objective, val, state, dp)
+    if members is None:
+        run.history.val_loss.append(float(vl.mean()))
+    else:
+        (summed,) = members.group.sum_values(float(vl.sum()))
+        run.history.val_loss.append(summed / members.total)
     if run.best is None:
         run.best, run.best_loss = [t.detach().clone() for t in state], vl.clone()
         improved = torch.ones_like(vl, dtype=torch.bool)
         run.history.best_epoch = epoch
         run.member_best = torch.full(vl.shape, epoch) if vl.ndim else None
+        run.since_best = 0
+        return
+    improved = vl < run.best_loss
+    if limits is not None:  # no member improves after its own epoch count
+        improved = improved & (limits >= epoch).to(improved.device)
+    if vl.ndim == 0:
+        if improved:
+            _copy_into(run.best, state)
     else:
-        improved = vl < run.best_loss
-        if limits is not None:  # no member improves after its own epoch count
-            improved = improved & (limits >= epoch).to(improved.device)
-        if vl.ndim == 0:
-            if improved:
-                _copy_into(run.best, state)
-        else:
-            _copy_into(run.best, state, improved)
-            run.member_best[improved.cpu()] = epoch
-        run.best_loss = torch.where(improved, vl, run.best_loss)
-        if bool(improved.any()):
-            run.history.best_epoch = epoch
-    run.since_best = 0 if bool(improved.any()) else run.since_best + 1
+        _copy_into(run.best, state, improved)
+        run.member_best[improved.cpu()] = epoch
+    run.best_loss = torch.where(improved, vl, run.best_loss)
+    any_improved = bool(improved.any())
+    if members is not None:
+        any_improved = members.group.any(any_improved)
+    if any_improved:
+        run.history.best_epoch = epoch
+    run.since_best = 0 if any_improved else run.since_best + 1

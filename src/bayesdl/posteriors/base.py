@@ -14,12 +14,15 @@ width, fitting, saving) lives here once.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from bayesdl import distributed as _distributed
 from bayesdl import training
 from bayesdl.data import TensorData, as_inputs, as_training_data
 from bayesdl.likelihoods import Likelihood, get_likelihood
@@ -35,6 +38,26 @@ __all__ = [
 ]
 
 _INPUT_SHAPE_KEY = "meta.input_shape"
+
+#: ``(lo, hi, total)`` while one process of a distributed prediction computes rows ``[lo, hi)``
+#: of ``total``: methods that size their chunks by the rows, or draw noise per row, use it to
+#: draw exactly what a single process draws for those rows.
+PREDICTION_SHARE: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar(
+    "bayesdl_prediction_share", default=None
+)
+
+
+def shared_rows(draw, rows: int, *, axis: int = 0) -> Tensor:
+    """``draw(n)`` of noise with ``n`` rows along ``axis``: for ``rows`` rows alone, or, during a
+    distributed prediction (:data:`PREDICTION_SHARE`), the process's slice of a draw for all
+    the rows, so each row gets the noise it gets in a single process."""
+    share = PREDICTION_SHARE.get()
+    if share is None:
+        return draw(rows)
+    lo, hi, total = share
+    if hi - lo != rows:
+        raise RuntimeError(f"drawing for {rows} rows, but this process's share is {hi - lo}")
+    return draw(total).narrow(axis, lo, rows)
 
 
 class Network(nn.Module):
@@ -172,9 +195,10 @@ class Posterior(ABC):
 
         Keyword arguments are those of :class:`bayesdl.training.TrainConfig` (``epochs``,
         ``batch_size``, ``lr``, ``weight_decay``, ``optimizer``, ``val_fraction``,
-        ``patience``, ``seed``, ``progress``, and ``checkpoint_dir``, ``checkpoint_every``,
-        ``resume`` for checkpoints that a killed fit resumes from); ``val_data`` is an optional
-        ``(x, y)`` pair.
+        ``patience``, ``seed``, ``progress``, ``checkpoint_dir``, ``checkpoint_every``,
+        ``resume`` for checkpoints that a killed fit resumes from, and ``distributed``,
+        ``parallel`` for a fit over several processes, see :mod:`bayesdl.distributed`);
+        ``val_data`` is an optional ``(x, y)`` pair.
         Returns the :class:`~bayesdl.training.History`. If the loss diverges, a
         :class:`~bayesdl.training.TrainingDivergedError` is raised and the posterior keeps the
         weights of the last good epoch.
@@ -190,15 +214,25 @@ class Posterior(ABC):
             self._record_input_shape(train.x)
         if val is not None:
             self._check_input_shape(val.x)
-        return training.fit(
-            self._objective(),
-            train,
-            config,
-            val=val,
-            prepare=self._prepare_batch,
-            device=self.device,
-            identity=self._identity(),
-        )
+        group = _distributed.resolve(config.distributed)
+        sharded = group is not None and config.parallel is training.Parallel.MEMBERS
+        with self._member_shard(group) if sharded else contextlib.nullcontext() as members:
+            return training.fit(
+                self._objective(),
+                train,
+                config,
+                val=val,
+                prepare=self._prepare_batch,
+                device=self.device,
+                identity=self._identity(),
+                members=members,
+            )
+
+    def _member_shard(self, group: _distributed.Group):
+        """A context in which the posterior holds only this process's share of its stacked
+        members, yielding the :class:`~bayesdl.distributed.MemberShard` (and gathering the
+        members on leaving); ``None`` for methods without stacked members."""
+        return contextlib.nullcontext()
 
     def _identity(self) -> dict:
         """What a checkpoint of this posterior's fit must match to be resumed: the method, its
@@ -216,6 +250,7 @@ class Posterior(ABC):
         n_samples: int | None = None,
         *,
         generator: torch.Generator | None = None,
+        distributed: bool = False,
     ) -> Tensor:
         """Network outputs (the likelihood's natural parameters) under ``S`` posterior draws.
 
@@ -227,6 +262,12 @@ class Posterior(ABC):
             Number of draws ``S``; ``None`` uses the method's default.
         generator:
             A ``torch.Generator`` on the model's device for reproducible draws.
+        distributed:
+            ``True``: every process of the ``torch.distributed`` group calls this with the same
+            ``x``; each computes a contiguous share of the rows and all get the gathered
+            outputs. With the same generator state on every process, the weight draws are those
+            of a single process (per-example noise, such as dropout masks, differs). Default
+            ``False``: this process alone (the safe choice when only some processes predict).
 
         Returns
         -------
@@ -236,10 +277,25 @@ class Posterior(ABC):
         self._check_input_shape(x)
         n = self._resolve_n_samples(n_samples)
         self._check_generator(generator)
+        group = _distributed.resolve(distributed) if distributed is not False else None
         with torch.no_grad():
-            out = self._sample_outputs(x, n, generator)
+            if group is None:
+                out = self._sample_outputs(x, n, generator)
+            else:
+                out = self._sample_share(x, n, generator, group)
         self.likelihood.check_params(out)
         return out
+
+    def _sample_share(self, x: Tensor, n: int, generator, group: _distributed.Group) -> Tensor:
+        lo, hi = group.share(len(x))
+        # A process without rows draws for the first row (discarded), in step with the others.
+        share = (lo, hi, len(x)) if hi > lo else (0, 1, len(x))
+        token = PREDICTION_SHARE.set(share)
+        try:
+            out = self._sample_outputs(x[share[0] : share[1]], n, generator)[:, : hi - lo]
+        finally:
+            PREDICTION_SHARE.reset(token)
+        return group.gather(out.to(group.device), dim=1).to(self.device)
 
     def predict(
         self,
@@ -247,9 +303,12 @@ class Posterior(ABC):
         n_samples: int | None = None,
         *,
         generator: torch.Generator | None = None,
+        distributed: bool = False,
     ) -> ClassificationPrediction | RegressionPrediction:
-        """Predictive distribution at ``x`` from ``S`` draws (see :mod:`bayesdl.predictions`)."""
-        return self.likelihood.predictive(self.sample_outputs(x, n_samples, generator=generator))
+        """Predictive distribution at ``x`` from ``S`` draws (see :mod:`bayesdl.predictions`);
+        ``distributed`` as for :meth:`sample_outputs`."""
+        outputs = self.sample_outputs(x, n_samples, generator=generator, distributed=distributed)
+        return self.likelihood.predictive(outputs)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Every tensor needed to rebuild this posterior on the same module (flat, tensors only)."""

@@ -23,6 +23,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from bayesdl import training
+from bayesdl.distributed import Group, MemberShard
 from bayesdl.likelihoods import Likelihood
 from bayesdl.posteriors.base import Network, Posterior, register
 from bayesdl.posteriors.stacked import StackedModule
@@ -50,6 +52,7 @@ class _EnsembleObjective:
     def __init__(self, ensemble: StackedMembers) -> None:
         self.ensemble = ensemble
         self.n_members = ensemble.n_members
+        self.independent_data_order = ensemble.independent_data_order
         self.n_orders = ensemble.n_members if ensemble.independent_data_order else 1
         self.bootstrap = getattr(ensemble, "bootstrap", False)
 
@@ -224,6 +227,58 @@ class StackedMembers(Posterior):
 
     def _objective(self) -> _EnsembleObjective:
         return _EnsembleObjective(self)
+
+    #: Other attributes with a leading member axis that a fit fills (SWAG's moments).
+    _MEMBER_TENSORS: tuple[str, ...] = ()
+
+    @contextlib.contextmanager
+    def _member_shard(self, group: Group):
+        """Hold only this process's contiguous share of the members while the body trains them
+        (``parallel="members"``), then gather every process's members back into the stack
+        (also after a divergence, which all processes report together)."""
+        total = self.n_members
+        if total < group.world:
+            raise ValueError(
+                f"parallel='members' gives each of the {group.world} processes at least one "
+                f"member, but there are {total}: use at least {group.world} members, fewer "
+                "processes, or parallel='data'."
+            )
+        lo, hi = group.share(total)
+        full = (self._stack, self._params, self._buffers)
+        extra = {name: getattr(self, name) for name in self._MEMBER_TENSORS}
+        with torch.no_grad():
+            params = {
+                k: v[lo:hi].clone().requires_grad_(v.requires_grad) for k, v in self._params.items()
+            }
+            buffers = {k: v[lo:hi].clone() for k, v in self._buffers.items()}
+            for name, t in extra.items():
+                setattr(self, name, t[lo:hi].clone())
+        self._stack = StackedModule(self.network, params, buffers)
+        self._params, self._buffers, self.n_members = params, buffers, hi - lo
+
+        def restore(gather: bool) -> None:
+            local = {**params, **buffers, **{n: getattr(self, n) for n in extra}}
+            self._stack, self._params, self._buffers = full
+            self.n_members = total
+            for name, t in extra.items():
+                setattr(self, name, t)
+            if not gather:
+                return
+            targets = {**self._params, **self._buffers, **extra}
+            with torch.no_grad():
+                for name, target in targets.items():
+                    gathered = group.gather(local[name].detach().to(group.device).contiguous())
+                    target.copy_(gathered)
+
+        try:
+            yield MemberShard(lo, hi, total, group)
+        except training.TrainingDivergedError:
+            restore(gather=True)
+            raise
+        except BaseException:
+            restore(gather=False)
+            raise
+        restore(gather=True)
 
     def _extra_state(self) -> dict[str, Tensor]:
         return {

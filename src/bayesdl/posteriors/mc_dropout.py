@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from bayesdl._options import resolve
 from bayesdl.likelihoods import Likelihood
-from bayesdl.posteriors.base import NetworkObjective, Posterior, register
+from bayesdl.posteriors.base import (
+    PREDICTION_SHARE,
+    NetworkObjective,
+    Posterior,
+    register,
+    shared_rows,
+)
 
 __all__ = ["Expand", "MCDropout"]
 
@@ -101,7 +107,12 @@ class _Sampler:
             shape = (rows, *h.shape[1:])
         else:  # channel dropout: one mask entry per (row, channel)
             shape = (rows, h.shape[1], *([1] * (h.ndim - 2)))
-        keep = keep_mask(shape, p, self.generator, h.device)
+
+        def draw(n_rows: int) -> Tensor:  # masks of S draws x n_rows rows
+            mask = keep_mask((s * n_rows, *shape[1:]), p, self.generator, h.device)
+            return mask.view(s, n_rows, *shape[1:])
+
+        keep = shared_rows(draw, b, axis=1).reshape(shape)
         scale = 1.0 / keep_probability(p, h.device)
         if expand:
             # Scale the B rows once, then let `where` broadcast them over the S draws: the
@@ -184,8 +195,8 @@ class MCDropout(Posterior):
     def _sample_outputs(
         self, x: Tensor, n_samples: int, generator: torch.Generator | None
     ) -> Tensor:
-        b = x.shape[0]
-        chunk = self.chunk_size or max(1, _DEFAULT_CHUNK_ROWS // b)
+        share = PREDICTION_SHARE.get()  # size the chunks as a single process does
+        chunk = self.chunk_size or max(1, _DEFAULT_CHUNK_ROWS // (share or (0, 0, len(x)))[2])
         was_training = self.network.training
         self.network.eval()
         try:

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from bayesdl._options import resolve
 from bayesdl._random import MIN_PARALLEL, randn
 from bayesdl.likelihoods import Likelihood
-from bayesdl.posteriors.base import Posterior, register
+from bayesdl.posteriors.base import PREDICTION_SHARE, Posterior, register
 from bayesdl.posteriors.stacked import StackedCall, StackedModule
 from bayesdl.posteriors.vi_estimators import (
     LOCAL_LAYERS,
@@ -205,6 +205,7 @@ class MeanFieldVI(Posterior):
         self._offsets: list[int] = []
         self._workspace: FitWorkspace | None = None  # set while fit() runs
         self._last_noise: Tensor | None = None  # the latest training draw's noise (for tests)
+        self._queued: list[Tensor] = []  # noise drawn ahead by a distributed fit
 
         names = self._resolve_bayesian(bayesian)
         params = dict(self.network.named_parameters())
@@ -443,6 +444,14 @@ class MeanFieldVI(Posterior):
         return 1
 
     def _next_noise(self) -> Tensor:
+        """The next training draw's noise: one drawn ahead by a distributed fit's
+        ``before_step``, or :meth:`_draw_noise`."""
+        if self._queued:
+            self._last_noise = self._queued.pop(0)
+            return self._last_noise
+        return self._draw_noise()
+
+    def _draw_noise(self) -> Tensor:
         """The next standard-normal vector ``(P,)`` for one weight draw of a training step.
 
         ``"fresh"``: drawn in blocks of several steps, so that each block is large enough to be
@@ -478,6 +487,7 @@ class MeanFieldVI(Posterior):
         self._epoch = 1
         self._noise = None  # a new fit draws its noise from its own (seeded) generator state
         self._offsets = []
+        self._queued = []
         self._workspace = FitWorkspace(
             self.mu,
             self.log_std,
@@ -513,7 +523,8 @@ class MeanFieldVI(Posterior):
         # Draw the noise of several weight sets at once (large draws are filled in parallel,
         # see bayesdl._random); the stacked call then runs them in cache-sized chunks of rows.
         chunk = self.chunk_size or max(
-            _DEFAULT_CHUNK_ROWS // x.shape[0], -(-MIN_PARALLEL // mu.numel())
+            _DEFAULT_CHUNK_ROWS // (PREDICTION_SHARE.get() or (0, 0, x.shape[0]))[2],
+            -(-MIN_PARALLEL // mu.numel()),
         )
         outs = []
         try:
@@ -634,6 +645,15 @@ class _VIObjective:
 
     def end_epoch(self, epoch: int, optimizer) -> None:
         self.vi._epoch = epoch + 1
+
+    def before_step(self) -> None:
+        """In a distributed fit, before each step on every process: draw the step's weight
+        noise from the generator all processes share (the loss then runs under each process's
+        own, for per-example noise), so every shard sees the same weights. The local
+        estimators draw noise per example and take theirs inside the loss."""
+        vi = self.vi
+        if not vi.estimators:
+            vi._queued = [vi._draw_noise() for _ in range(vi.n_train_samples)]
 
     def checkpoint_state(self) -> tuple[dict, dict[str, Tensor]]:
         """The epoch counter (KL annealing) and the training noise: the current pool or block

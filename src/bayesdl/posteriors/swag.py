@@ -365,6 +365,8 @@ class SWAG(StackedMembers):
         swa_lr = config.lr if self.swa_lr is None else self.swa_lr
         return _Plan(epochs, start, self.swa_schedule, self.cycle_length, config.lr, swa_lr)
 
+    _MEMBER_TENSORS = ("_mean", "_sum_sq_dev", "_iterates")
+
     def _objective(self) -> _SWAGObjective:
         # Called by ``fit`` once the data are checked, just before training: a new trajectory.
         plan, data = self._next_run

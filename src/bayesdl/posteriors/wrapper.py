@@ -74,16 +74,31 @@ class PosteriorWrapper:
         return outputs
 
     def sample_outputs(
-        self, x, n_samples: int | None = None, *, generator: torch.Generator | None = None
+        self,
+        x,
+        n_samples: int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        distributed: bool = False,
     ) -> Tensor:
         """The wrapped posterior's outputs under ``S`` draws, transformed; ``(S, B, K)``."""
-        return self.transform(self.posterior.sample_outputs(x, n_samples, generator=generator))
+        return self.transform(
+            self.posterior.sample_outputs(
+                x, n_samples, generator=generator, distributed=distributed
+            )
+        )
 
     def predict(
-        self, x, n_samples: int | None = None, *, generator: torch.Generator | None = None
+        self,
+        x,
+        n_samples: int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        distributed: bool = False,
     ) -> ClassificationPrediction | RegressionPrediction:
         """Predictive distribution at ``x`` from ``S`` draws of the transformed outputs."""
-        return self.likelihood.predictive(self.sample_outputs(x, n_samples, generator=generator))
+        outputs = self.sample_outputs(x, n_samples, generator=generator, distributed=distributed)
+        return self.likelihood.predictive(outputs)
 
     def wrapper_options(self) -> dict:
         """This wrapper's own numbers as plain JSON values: ``type(self)._rewrap(posterior,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from bayesdl.posteriors.base import shared_rows
 from bayesdl.posteriors.laplace import curvature as curv
 from bayesdl.posteriors.laplace.blocks import Selection, join_vector, split_vector
 from bayesdl.posteriors.laplace.options import HessianStructure, Predictive
@@ -171,5 +172,10 @@ class LinearizedNetwork:
 def _draw(factor: Tensor, n: int, generator) -> Tensor:
     """``n`` draws of ``R z``, ``(n, B, K)``, for factors ``R`` ``(B, K, K)``."""
     b, k, j = factor.shape
-    z = torch.randn(n, b, j, generator=generator, dtype=factor.dtype, device=factor.device)
+
+    def normal(rows: int) -> Tensor:
+        like = {"dtype": factor.dtype, "device": factor.device}
+        return torch.randn(n, rows, j, generator=generator, **like)
+
+    z = shared_rows(normal, b, axis=1)
     return torch.einsum("bkj,sbj->sbk", factor, z).reshape(n, b, k)

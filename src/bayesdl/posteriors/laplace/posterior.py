@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from bayesdl import distributed as _distributed
 from bayesdl import training
 from bayesdl.data import TensorData, as_inputs
 from bayesdl.likelihoods import Likelihood
@@ -67,7 +68,7 @@ _STRUCTURES: dict[HessianStructure, type[Curvature]] = {
 # Rows per chunk when fit walks through tensors (a DataLoader brings its own batches).
 _FIT_CHUNK = 2**13
 # Training options that mean something without training (batch_size: curvature chunk size).
-_WITHOUT_TRAINING = frozenset({"batch_size", "seed", "progress"})
+_WITHOUT_TRAINING = frozenset({"batch_size", "seed", "progress", "distributed"})
 _STATE = "laplace."
 
 
@@ -285,7 +286,12 @@ class Laplace(Posterior):
         elif isinstance(train, TensorData):
             self._record_input_shape(train.x)
         chunk = _FIT_CHUNK if trains else training_options.get("batch_size", _FIT_CHUNK)
-        self._accumulate(self._batches(train, chunk))
+        group = _distributed.resolve(training_options.get("distributed"))
+        if group is not None and isinstance(train, TensorData):
+            training._check_same_data(group, train, None)
+            lo, hi = group.share(len(train))
+            train = train.subset(torch.arange(lo, hi, device=train.x.device))
+        self._accumulate(self._batches(train, chunk), group)
         if self.prior_fit is PriorFit.MARGLIK:
             self.optimize_prior_precision()
         elif self.prior_fit is PriorFit.VALIDATION:
@@ -309,7 +315,11 @@ class Laplace(Posterior):
                 self._record_input_shape(x)
             yield x, y
 
-    def _accumulate(self, batches: Iterator[tuple[Tensor, Tensor]]) -> None:
+    def _accumulate(
+        self, batches: Iterator[tuple[Tensor, Tensor]], group: _distributed.Group | None = None
+    ) -> None:
+        """The curvature and log-likelihood summed over ``batches``; with a process ``group``,
+        over every process's batches (each brings its shard of the rows)."""
         sums: dict[str, Tensor] = {}
         log_lik = torch.zeros((), dtype=self.dtype, device=self.device)
         with self._evaluating(), torch.no_grad():
@@ -318,6 +328,14 @@ class Laplace(Posterior):
                 log_lik = log_lik - self.likelihood.nll(self.likelihood(f), y).sum()
                 for key, value in terms.items():
                     sums[key] = sums[key] + value if key in sums else value
+            if group is not None:  # a process without rows adds zeros
+                shapes = _STRUCTURES[self.hessian].state_shapes(self.selection.blocks)
+                for key, shape in shapes.items():
+                    if key not in sums:
+                        sums[key] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                group.sum_([*sums.values(), log_lik])
+                if float(sums.get("n_data", torch.ones(()))) == 0:
+                    sums = {}
         if not sums:
             raise ValueError("the training data is empty; pass at least one example.")
         if not all(bool(torch.isfinite(v).all()) for v in sums.values()):
