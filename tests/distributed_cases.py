@@ -60,6 +60,18 @@ def case_mc_dropout(x, y):
     return post, _fit(post, x, y, epochs=3)
 
 
+def case_mc_dropout_predict(x, y):
+    """No training: the sampled masks of a distributed prediction are a single process's."""
+    post = bdl.MCDropout(net(n_out=3, dropout=0.3), "categorical")
+    post.input_shape = (3,)
+    return post, bdl.History()
+
+
+def case_deterministic_classification(x, y):
+    post = bdl.Deterministic(net(n_out=3), "categorical")
+    return post, _fit(post, x, y, epochs=2, val_fraction=0.1)
+
+
 def case_mean_field_vi(x, y):
     post = bdl.MeanFieldVI(net(), "gaussian")
     return post, _fit(post, x, y, epochs=3)
@@ -157,7 +169,7 @@ CASES = {
     for name, fn in dict(globals()).items()
     if name.startswith("case_") and callable(fn)
 }
-CLASSIFICATION = set()
+CLASSIFICATION = {"mc_dropout_predict", "deterministic_classification"}
 
 
 def run_case(name: str):
@@ -188,6 +200,25 @@ def run_case(name: str):
     return tensors, meta
 
 
+def errors() -> dict[str, str]:
+    """The messages of fits that must fail on every process alike."""
+    x, y, _ = data()
+    found = {}
+    try:  # each process passes different tensors
+        bdl.Deterministic(net(), "gaussian").fit((x + distributed.rank(), y), epochs=1)
+    except ValueError as err:
+        found["different_data"] = str(err)
+    try:
+        bdl.MeanFieldVI(net(), "gaussian").fit((x, y), epochs=1, parallel="members")
+    except ValueError as err:
+        found["members_without_members"] = str(err)
+    try:
+        bdl.DeepEnsemble(net(), "gaussian", n_members=1).fit((x, y), parallel="members")
+    except ValueError as err:
+        found["too_few_members"] = str(err)
+    return found
+
+
 def _in_sync(tensors: dict[str, torch.Tensor]) -> bool:
     """Whether every process holds the same state (a checksum gathered from each)."""
     mine = torch.stack([t.double().sum() for k, t in sorted(tensors.items()) if "state." in k])
@@ -205,6 +236,9 @@ def main(out: str, names: list[str]) -> None:
         meta["in_sync"] = _in_sync(tensors)
         if group.rank == 0:
             save_file(tensors, str(Path(out) / f"{name}.safetensors"), {"meta": json.dumps(meta)})
+    if not names:
+        found = errors()
+        (Path(out) / f"errors-{group.rank}.json").write_text(json.dumps(found))
     distributed.shutdown()
 
 

@@ -143,6 +143,11 @@ def _bandits(ns):
     assert ns["safe_or_fallback"] and ns["same"]
 
 
+def _distributed(ns):
+    # two processes write the weights one process writes, up to float32 round-off
+    assert 0 <= ns["gap"] < 1e-5
+
+
 CHECKS = {
     "predictions": _predictions,
     "deep-ensembles": _deep_ensembles,
@@ -156,6 +161,7 @@ CHECKS = {
     "saving": _saving,
     "cli": _cli,
     "bandits": _bandits,
+    "distributed": _distributed,
 }
 
 

@@ -579,7 +579,7 @@ def _shard_batches(
     for xb, yb in batches:
         rows = yb.shape[dim]
         lo, hi = group.share(rows)
-        yield xb.narrow(dim, lo, hi - lo), yb.narrow(dim, lo, hi - lo), (hi - lo) / rows
+        yield xb.narrow(dim, lo, hi - lo), yb.narrow(dim, lo, hi - lo), (hi - lo) / max(rows, 1)
 
 
 def _joined_batches(
