@@ -24,6 +24,7 @@ from bayesdl import distributed
 
 N_ROWS = 203  # with batches of 32 the last one has 11 rows: shards of 6 and 5
 N_TEST = 17  # prediction rows: shares of 9 and 8
+CHECKPOINTS: str | None = None  # a folder every process sees (set by main)
 
 
 def data(task: str = "regression"):
@@ -75,6 +76,12 @@ def case_deterministic_classification(x, y):
 def case_mean_field_vi(x, y):
     post = bdl.MeanFieldVI(net(), "gaussian")
     return post, _fit(post, x, y, epochs=3)
+
+
+def case_mean_field_vi_unseeded(x, y):
+    """No seed: rank 0's data seed is shared, and the weight draws stay the same everywhere."""
+    post = bdl.MeanFieldVI(net(), "gaussian")
+    return post, post.fit((x, y), epochs=2, batch_size=32, lr=0.01, val_fraction=0.2)
 
 
 def case_mean_field_vi_validation(x, y):
@@ -151,10 +158,7 @@ def case_loader(x, y):
 
 def case_checkpoint_resume(x, y):
     """Two epochs with a checkpoint (written by rank 0 only), then resumed to four."""
-    folder = Path(tempfile.gettempdir()) / f"bayesdl-dist-ckpt-{distributed.world_size()}"
-    if distributed.rank() == 0 and folder.exists():
-        for f in folder.iterdir():
-            f.unlink()
+    folder = Path(CHECKPOINTS or tempfile.mkdtemp()) / "checkpoint_resume"
     post = bdl.MeanFieldVI(net(), "gaussian")
     _fit(post, x, y, epochs=4, checkpoint_dir=folder, checkpoint_every=2)
     # A new posterior resumes the finished run's checkpoint.
@@ -181,9 +185,7 @@ def run_case(name: str):
     n = 6 if isinstance(post, bdl.SWAG) else 4
     if isinstance(post, (bdl.Laplace, bdl.DeepEnsemble)):
         n = None
-    outputs = post.sample_outputs(
-        x_test, n, generator=g, distributed=distributed.world_size() > 1
-    )
+    outputs = post.sample_outputs(x_test, n, generator=g, distributed=distributed.world_size() > 1)
     tensors = {f"state.{k}": v.detach().contiguous() for k, v in post.state_dict().items()}
     tensors["outputs"] = outputs.contiguous()
     if isinstance(post, bdl.Laplace):
@@ -228,6 +230,8 @@ def _in_sync(tensors: dict[str, torch.Tensor]) -> bool:
 
 
 def main(out: str, names: list[str]) -> None:
+    global CHECKPOINTS
+    CHECKPOINTS = out
     torch.set_num_threads(1)
     group = distributed.init("gloo")
     assert group is not None and group.world == 2, group

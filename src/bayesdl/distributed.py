@@ -183,6 +183,10 @@ class Group:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
+    def barrier(self) -> None:
+        """Wait until every process has reached this point."""
+        dist.barrier()
+
     def sum_values(self, *values: float) -> list[float]:
         """Python numbers summed over the processes (float64)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)

@@ -683,6 +683,12 @@ def fit(
         )
         if config.resume:
             saved = checkpoint.load()  # None: no checkpoint yet, start from scratch
+            if dp is not None:
+                dp.check_same(
+                    "checkpoints (the epoch each resumes from; -1: none)",
+                    [-1 if saved is None else saved.header["epoch"]],
+                    "give every process the same checkpoint_dir, on a file system they share.",
+                )
         if dp is not None and dp.rank != 0:
             checkpoint = None  # the weights are the same everywhere: rank 0 writes
     data_seed = config.seed
@@ -710,6 +716,8 @@ def fit(
     run_seed = config.seed
     if members is not None:
         run_seed = _mix(data_seed if config.seed is None else config.seed, members.lo)
+    elif dp is not None and run_seed is None:  # the shared noise must be the same everywhere
+        run_seed = _mix(data_seed, -1)
     if dp is not None and saved is None:
         dp.broadcast_(state)  # the same starting weights everywhere
     before_step = getattr(objective, "before_step", None) if dp is not None else None
@@ -833,8 +841,13 @@ def fit(
             history.stopped_early = stop
             run.epoch = epoch
             finished = stop or epoch == config.epochs
-            if checkpoint is not None and (finished or epoch % config.checkpoint_every == 0):
-                checkpoint.save(run, objective, optimizer, generator, finished=finished)
+            if config.checkpoint_dir is not None and (
+                finished or epoch % config.checkpoint_every == 0
+            ):
+                if checkpoint is not None:
+                    checkpoint.save(run, objective, optimizer, generator, finished=finished)
+                if dp is not None:  # no process goes on (to a resume, say) before it is written
+                    dp.barrier()
             if stop:
                 break
     if bar is not None:
