@@ -13,6 +13,7 @@ import bayesdl as bdl
 FAST_OPTIONS: dict[str, dict] = {
     "deep_ensemble": {"n_members": 3, "seed": 0},
     "swag": {"rank": 5, "swa_start": 0},  # the contract fits 1-2 epochs: collect from epoch 1
+    "sgmcmc": {"n_kept": 4, "burn_in": 0.0},  # a few steps: keep samples from the start
 }
 
 

@@ -113,6 +113,12 @@ def case_multiswag_members(x, y):
     return post, _fit(post, x, y, epochs=3, parallel="members")
 
 
+def case_sgmcmc(x, y):
+    """The chain's noise is drawn in the update, from the generator every process shares."""
+    post = bdl.SGMCMC(net(), "gaussian", n_kept=4, burn_in=0.3)
+    return post, post.fit((x, y), epochs=3, batch_size=32, lr=0.01, seed=3)
+
+
 def case_laplace_kron(x, y):
     post = bdl.Laplace(net(), "gaussian", subset="all", hessian="kron")
     return post, _fit(post, x, y, epochs=2)

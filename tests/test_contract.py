@@ -18,8 +18,8 @@ S = 4
 
 
 def _n(post) -> int | None:
-    """Draws to ask for: None where the method fixes its own count (ensembles)."""
-    return None if post.name == "deep_ensemble" else S
+    """Draws to ask for: None where the method fixes its own count (ensembles, kept samples)."""
+    return None if post.name in ("deep_ensemble", "sgmcmc") else S
 
 
 def _expected_s(post) -> int:

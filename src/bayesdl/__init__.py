@@ -19,6 +19,7 @@ from bayesdl.likelihoods import (
     get_likelihood,
 )
 from bayesdl.posteriors import (
+    SGMCMC,
     SWAG,
     Candidate,
     DeepEnsemble,
@@ -35,6 +36,7 @@ from bayesdl.priors import GaussianPrior, Prior, ScaleMixturePrior
 from bayesdl.training import History, TrainingDivergedError
 
 __all__ = [
+    "SGMCMC",
     "SWAG",
     "Candidate",
     "Categorical",

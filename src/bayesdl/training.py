@@ -293,6 +293,11 @@ class Objective(Protocol):
       on their own bootstrap resample of the training tensors: ``n`` rows drawn with
       replacement once per fit (from the data seed, so a resumed fit draws the same), then
       shuffled every epoch.
+    * ``make_optimizer(params, config)``: the optimiser to use instead of ``config.optimizer``
+      (a sampler's update rule); ``after_step()``: called after every optimiser step, on every
+      process of a distributed fit (a sampler keeps its samples and sets the next step size).
+    * ``before_step()``: in a distributed fit, called before every step on every process under
+      the generator they share (noise all processes must agree on, such as a weight draw).
     * ``checkpoint_state() -> (json_part, tensors)`` and ``load_checkpoint_state(json_part,
       tensors)``, for checkpoints (:mod:`bayesdl.checkpoint`): state that changes during the
       fit but is not in ``state()`` (SWAG's moments; VI's noise pool and epoch counter). The
@@ -723,7 +728,10 @@ def fit(
     before_step = getattr(objective, "before_step", None) if dp is not None else None
 
     params = objective.parameters()
-    optimizer = _make_optimizer(params, config)
+    make_optimizer = getattr(objective, "make_optimizer", None)
+    make_optimizer = make_optimizer or _make_optimizer
+    optimizer = make_optimizer(params, config)
+    after_step = getattr(objective, "after_step", None)
     member_decay = (
         _MemberDecay(objective, params, config) if isinstance(config.weight_decay, tuple) else None
     )
@@ -804,6 +812,8 @@ def fit(
                 if member_decay is not None:
                     member_decay.apply(optimizer)
                 optimizer.step()
+                if after_step is not None:  # e.g. a sampler keeps a sample, sets the next rate
+                    after_step()
                 if not rows:
                     continue
                 if members is not None:

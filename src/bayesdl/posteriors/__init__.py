@@ -13,9 +13,11 @@ from bayesdl.posteriors.laplace import Laplace
 from bayesdl.posteriors.mc_dropout import MCDropout
 from bayesdl.posteriors.mean_field_vi import MeanFieldVI
 from bayesdl.posteriors.selection import Candidate
+from bayesdl.posteriors.sgmcmc import SGMCMC
 from bayesdl.posteriors.swag import SWAG
 
 __all__ = [
+    "SGMCMC",
     "SWAG",
     "Candidate",
     "DeepEnsemble",

@@ -286,8 +286,13 @@ class StackedMembers(Posterior):
             **{f"members.buffers.{k}": v for k, v in self._buffers.items()},
         }
 
+    def _loaded_in_place(self) -> dict[str, Tensor]:
+        """The tensors of :meth:`_extra_state` that loading fills (copied, or with ``assign``
+        replaced), keyed the same; by default all of them."""
+        return self._extra_state()
+
     def _load_extra_state(self, state: dict[str, Tensor]) -> None:
-        own = self._extra_state()
+        own = self._loaded_in_place()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise RuntimeError(f"missing keys {missing}, unexpected keys {unexpected}")
