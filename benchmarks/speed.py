@@ -21,6 +21,9 @@ Cases
 ``mc_dropout_predict_10k``
     ``MCDropout.sample_outputs`` with 10,000 draws on 51 inputs of a 13-50-2 dropout net, against
     a Python loop of 10,000 forward passes with dropout active.
+``ivon_train_epoch_mlp``
+    One ``IVON.fit`` epoch (batch 128) on 10,000 synthetic 784-d inputs of a 784-400-400-10
+    MLP, against one ``Deterministic.fit`` epoch (Adam) of the same net and data.
 ``laplace_fit_last_layer_kron``
     ``Laplace.fit`` (last layer, KFAC, marginal-likelihood prior) on 10,000 synthetic 784-d inputs
     of a randomly initialised 784-400-400-10 MLP, against one forward pass over the same inputs.
@@ -30,6 +33,7 @@ Cases
 ``mlp_predict_s100_<method>``
     For every registered method except ``deterministic``: 100 draws on 1,000 inputs of a
     784-400-400-10 dropout MLP, against 100 deterministic forward passes (the practical floor).
+    An ensemble's draws are its 100 members, SG-MCMC's its 100 kept samples.
 ``save_ensemble_1m``
     ``bayesdl.save`` of a 5-member ``DeepEnsemble`` of a 64-1000-900-2 MLP (967,702 weights per
     member, 19 MB of float32) to a temporary folder, against ``safetensors.torch.save_file`` of
@@ -217,23 +221,47 @@ def _plain_mlp(hidden: int) -> nn.Module:
     )
 
 
-def case_vi_train_epoch_mlp(quick: bool, device: torch.device) -> tuple[Timed, Timed, dict]:
+def _epoch_case(quick: bool, device: torch.device, build, target: float):
+    """``build(net)``'s ``fit`` for one epoch against a plain network's, on 784-d inputs of
+    random classes (``(posterior, net description, data description)`` and the info)."""
     n, hidden = (512, 64) if quick else (10_000, 400)
     g = torch.Generator().manual_seed(SEED)
     x = torch.randn(n, 784, generator=g).to(device)
     y = torch.randint(0, 10, (n,), generator=g).to(device)
-    vi = bdl.MeanFieldVI(_seeded(SEED, lambda: _plain_mlp(hidden)).to(device), "categorical")
+    post = build(_seeded(SEED, lambda: _plain_mlp(hidden)).to(device))
     det = bdl.Deterministic(_seeded(SEED, lambda: _plain_mlp(hidden)).to(device), "categorical")
-    settings = dict(epochs=1, batch_size=128, lr=1e-3, seed=SEED, progress=False)
     info = {
-        "target": 1.6,
+        "target": target,
         "baseline": "one Deterministic.fit epoch of the same net (Adam), same data",
         "data": f"{n} synthetic 784-d inputs, 10 random classes",
         "net": f"784-{hidden}-{hidden}-10",
         "batch_size": 128,
-        "weight_draws_per_step": 1,
     }
-    return (lambda: vi.fit((x, y), **settings)), (lambda: det.fit((x, y), **settings)), info
+    return post, det, (x, y), info
+
+
+def case_vi_train_epoch_mlp(quick: bool, device: torch.device) -> tuple[Timed, Timed, dict]:
+    vi, det, data, info = _epoch_case(
+        quick, device, lambda net: bdl.MeanFieldVI(net, "categorical"), 1.6
+    )
+    info["weight_draws_per_step"] = 1
+    settings = dict(epochs=1, batch_size=128, lr=1e-3, seed=SEED, progress=False)
+    return (lambda: vi.fit(data, **settings)), (lambda: det.fit(data, **settings)), info
+
+
+def case_ivon_train_epoch_mlp(quick: bool, device: torch.device) -> tuple[Timed, Timed, dict]:
+    """One IVON epoch against one plain epoch of the same net: the cost of variational learning
+    with IVON's update (one weight draw and one backward per step, no KL term); the target is
+    "near deterministic"."""
+    ivon, det, data, info = _epoch_case(
+        quick, device, lambda net: bdl.IVON(net, "categorical"), 1.3
+    )
+    settings = dict(epochs=1, batch_size=128, seed=SEED, progress=False)
+    return (
+        lambda: ivon.fit(data, lr=0.1, **settings),
+        lambda: det.fit(data, lr=1e-3, **settings),
+        info,
+    )
 
 
 def _other_library_vi(kind: str, x: Tensor, y: Tensor, epochs: int) -> Timed | None:
@@ -313,6 +341,17 @@ def _swag_with_trajectory(net: nn.Module) -> bdl.Posterior:
     x, y = torch.randn(64, 784, generator=g).to(device), torch.randint(10, (64,), generator=g)
     post = bdl.SWAG(net, "categorical", rank=20, swa_start=0)
     post.fit((x, y.to(device)), epochs=20, batch_size=64, seed=SEED, progress=False)
+    return post
+
+
+def _sgmcmc_with_samples(net: nn.Module, n_samples: int) -> bdl.Posterior:
+    """SG-MCMC holding ``n_samples`` kept samples: one per full-batch step on 64 random inputs
+    (the chain is not timed; its draws cost the same whatever the weights)."""
+    g = torch.Generator().manual_seed(SEED)
+    device = next(net.parameters()).device
+    x, y = torch.randn(64, 784, generator=g).to(device), torch.randint(10, (64,), generator=g)
+    post = bdl.SGMCMC(net, "categorical", n_kept=n_samples, burn_in=0.0, thin=1)
+    post.fit((x, y.to(device)), epochs=n_samples, batch_size=64, lr=1e-3, seed=SEED)
     return post
 
 
@@ -469,6 +508,9 @@ MLP_BUILDERS: dict[str, Callable[[nn.Module, int], bdl.Posterior]] = {
     "mean_field_vi": lambda net, s: bdl.MeanFieldVI(net, "categorical"),
     "swag": lambda net, s: _swag_with_trajectory(net),
     "laplace": lambda net, s: _laplace_fitted(net),  # GLM draws, last-layer KFAC
+    # S draws are the S kept samples of the chain, stacked like an ensemble's members.
+    "sgmcmc": lambda net, s: _sgmcmc_with_samples(net, s),
+    "ivon": lambda net, s: bdl.IVON(net, "categorical"),  # Gaussian draws, as mean-field VI
 }
 
 
@@ -502,6 +544,7 @@ def all_cases() -> tuple[dict[str, CaseBuilder], list[str]]:
         "ensemble_train_small": case_ensemble_train_small,
         "mc_dropout_predict_10k": case_mc_dropout_predict_10k,
         "vi_train_epoch_mlp": case_vi_train_epoch_mlp,
+        "ivon_train_epoch_mlp": case_ivon_train_epoch_mlp,
         "vi_train_small": _vi_train_small_case("bayesdl"),
         "laplace_fit_last_layer_kron": case_laplace_fit_last_layer_kron,
         "laplace_predict_glm": case_laplace_predict_glm,

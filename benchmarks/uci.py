@@ -107,7 +107,16 @@ GRIDS: dict[str, tuple[dict, ...]] = {
     "laplace": DEFAULT_GRID,
 }
 #: Methods whose posterior is the training trajectory: refit for the full epoch count.
-TRAJECTORY_METHODS = frozenset({"swag"})
+TRAJECTORY_METHODS = frozenset({"swag", "sgmcmc"})
+#: Methods whose prior precision is a constructor option (the others take the grid's precision
+#: as weight decay, ``precision / N``).
+PRIOR_OPTION = frozenset({"mean_field_vi", "sgmcmc", "ivon"})
+#: Step sizes other than :data:`LR`: IVON's step divides by its Hessian estimate (the paper's 0.1).
+LRS: dict[str, float] = {"ivon": 0.1}
+#: Constructor options of a method for every candidate. IVON: the Hessian average must forget its
+#: start within a 5,000-step budget (the paper's beta2 = 0.99999 averages over 100,000 steps),
+#: and a start of 1 keeps the first steps as short as SGD's at the step size.
+BUILD: dict[str, dict] = {"ivon": {"beta2": 0.999, "hess_init": 1.0}}
 #: Methods whose grid over the prior precision trains as one stacked program: every candidate
 #: becomes a group of members of one ensemble with its own weight decay
 #: (``TrainConfig.weight_decay`` per member) and its own best validation epoch; the point estimate
@@ -172,9 +181,11 @@ def build(method: str, candidate: dict, n_features: int, n_hidden: int, seed: in
     torch.manual_seed(seed)
     likelihood = bdl.Gaussian(beta=candidate.get("beta", 0.0))
     net = mlp(n_features, n_hidden, candidate.get("dropout", 0.0))
-    options = dict(candidate.get("build", {}))
+    options = {**BUILD.get(method, {}), **candidate.get("build", {})}
     if method == "mean_field_vi" and "precision" in candidate:
         options["prior"] = bdl.GaussianPrior(candidate["precision"] ** -0.5)
+    elif method in PRIOR_OPTION and "precision" in candidate:
+        options["prior_precision"] = candidate["precision"]
     cls = bdl.get_posterior(method)
     if method in ("deep_ensemble", "swag"):
         options.setdefault("seed", seed)
@@ -255,10 +266,10 @@ def patience_for(method: str, epochs: int) -> int | None:
 
 
 def _fit(post, method: str, x, y, candidate: dict, epochs: int, seed: int, val=None):
-    options = {"epochs": epochs, "batch_size": BATCH_SIZE, "lr": LR, "seed": seed}
+    options = {"epochs": epochs, "batch_size": BATCH_SIZE, "lr": LRS.get(method, LR), "seed": seed}
     if val is not None:
         options["patience"] = patience_for(method, epochs)
-    if "precision" in candidate and method != "mean_field_vi":
+    if "precision" in candidate and method not in PRIOR_OPTION:
         options["weight_decay"] = candidate["precision"] / len(x)
     return post.fit((x, y), val_data=val, progress=False, **options)
 

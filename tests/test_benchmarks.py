@@ -25,7 +25,7 @@ ISSUE_CASES = {"ensemble_train_small", "mc_dropout_predict_10k"} | {
     if name != "deterministic" and name in speed.MLP_BUILDERS
 }
 ISSUE_CASES |= {"laplace_fit_last_layer_kron", "laplace_predict_glm"}
-ISSUE_CASES |= {"vi_train_epoch_mlp", "vi_train_small"}
+ISSUE_CASES |= {"vi_train_epoch_mlp", "vi_train_small", "ivon_train_epoch_mlp"}
 ISSUE_CASES |= {"save_ensemble_1m", "load_ensemble_1m"}
 # comparison rows appear only where the other libraries are installed (make bench)
 OPTIONAL_CASES = {"vi_train_small_bayesian_torch", "vi_train_small_blitz"}
@@ -82,7 +82,7 @@ def test_targets_are_the_issues():
     cases, _ = speed.all_cases()
     want = {"ensemble_train_small": 1.5, "mc_dropout_predict_10k": 0.2}
     want |= {"laplace_fit_last_layer_kron": 1.5, "laplace_predict_glm": 0.05}
-    want |= {"vi_train_epoch_mlp": 1.6, "vi_train_small": None}
+    want |= {"vi_train_epoch_mlp": 1.6, "vi_train_small": None, "ivon_train_epoch_mlp": 1.3}
     want |= {"save_ensemble_1m": 1.5, "load_ensemble_1m": 1.5}
     want |= {name: None for name in OPTIONAL_CASES}
     for name, build in cases.items():

@@ -112,7 +112,7 @@ def test_every_registered_method_can_be_calibrated(
     torch.manual_seed(0)
     post = make_posterior(method, mlp(4, 3 if task == "classification" else 2), likelihood)
     post.fit((x, y), epochs=2, batch_size=16, seed=0)
-    n = None if method == "deep_ensemble" else 8  # an ensemble's draws are its members
+    n = None if method in ("deep_ensemble", "sgmcmc") else 8  # draws: members, kept samples
     calibrated = calibration.calibrate(post, x, y, n_samples=n, generator=torch.Generator())
     assert calibrated.kind is (
         calibration.ScaleKind.TEMPERATURE

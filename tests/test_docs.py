@@ -90,6 +90,16 @@ def _swag(ns):
     assert ns["swag"].n_collected == 15 and ns["multi_pred"].mean.shape == (8,)
 
 
+def _sgmcmc(ns):
+    assert ns["chain"].n_collected == 20 and ns["mcmc_pred"].mean.shape == (8,)
+    assert (ns["mcmc_pred"].epistemic > 0).all() and ns["cyclical"].n_collected == 12
+
+
+def _ivon(ns):
+    assert ns["ivon_pred"].mean.shape == (8,) and (ns["ivon_pred"].epistemic > 0).all()
+    assert ns["ivon"].sigma.shape == ns["ivon"].mu.shape
+
+
 def _laplace(ns):
     ratio = ns["la_pred"].epistemic.mean() / ns["moments"].epistemic.mean()
     assert 0.5 < float(ratio) < 2.0  # 200 output draws against the closed form
@@ -154,6 +164,8 @@ CHECKS = {
     "mc-dropout": _mc_dropout,
     "mean-field-vi": _mean_field_vi,
     "swag": _swag,
+    "sgmcmc": _sgmcmc,
+    "ivon": _ivon,
     "laplace": _laplace,
     "metrics": _metrics,
     "calibration": _calibration,

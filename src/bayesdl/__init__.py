@@ -19,6 +19,7 @@ from bayesdl.likelihoods import (
     get_likelihood,
 )
 from bayesdl.posteriors import (
+    IVON,
     SGMCMC,
     SWAG,
     Candidate,
@@ -36,6 +37,7 @@ from bayesdl.priors import GaussianPrior, Prior, ScaleMixturePrior
 from bayesdl.training import History, TrainingDivergedError
 
 __all__ = [
+    "IVON",
     "SGMCMC",
     "SWAG",
     "Candidate",

@@ -760,6 +760,9 @@ def _fit_here(args: argparse.Namespace, out: Path, group: distributed.Group | No
     if args.method == "swag":
         patience = None  # the SWA phase (the second half of the epochs) must run to collect
         notes.append("swag runs every epoch (it averages the weights of the last half)")
+    elif args.method == "sgmcmc":
+        patience = None  # the chain keeps its samples in the second half of the epochs
+        notes.append("sgmcmc runs every epoch (it keeps samples of the chain's second half)")
     val_data = (x[val], y[val]) if len(val) else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)

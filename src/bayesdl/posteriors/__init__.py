@@ -9,6 +9,7 @@ from bayesdl.posteriors.base import (
 )
 from bayesdl.posteriors.deep_ensemble import DeepEnsemble
 from bayesdl.posteriors.deterministic import Deterministic
+from bayesdl.posteriors.ivon import IVON
 from bayesdl.posteriors.laplace import Laplace
 from bayesdl.posteriors.mc_dropout import MCDropout
 from bayesdl.posteriors.mean_field_vi import MeanFieldVI
@@ -17,6 +18,7 @@ from bayesdl.posteriors.sgmcmc import SGMCMC
 from bayesdl.posteriors.swag import SWAG
 
 __all__ = [
+    "IVON",
     "SGMCMC",
     "SWAG",
     "Candidate",
