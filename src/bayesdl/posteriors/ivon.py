@@ -53,27 +53,31 @@ class _IVONStep(torch.optim.Optimizer):
                     _adam(p, self.state[p], group["lr"])
 
     def _ivon(self, group: dict) -> None:
+        """The update in about fifteen passes over the weights (``sigma`` and ``h + delta`` are
+        kept between steps; ``log_std`` is written at the end of each epoch)."""
         ivon = self.ivon
         lr, b1, b2 = group["lr"], group["beta1"], group["beta2"]
         m = ivon.mu
         if m.grad is None:
             return
         state = self.state[m]
+        delta, ess = ivon._delta, ivon._ess
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float64)
             state["momentum"] = torch.zeros_like(m)
             state["hessian"] = torch.full_like(m, ivon.hess_init)
         state["step"] += 1
-        delta, ess = ivon._delta, ivon._ess
         h, g_bar = state["hessian"], state["momentum"]
-        sigma = torch.rsqrt(ess * (h + delta))
-        h_hat = m.grad * ivon._last_noise / sigma
-        g_bar.mul_(b1).add_(m.grad, alpha=1 - b1)
-        correction = (h - h_hat).square_().div_(h + delta).mul_(0.5 * (1 - b2) ** 2)
-        h.mul_(b2).add_(h_hat, alpha=1 - b2).add_(correction)
-        debiased = g_bar / (1 - b1 ** float(state["step"]))
-        m.sub_((debiased + delta * m) / (h + delta), alpha=lr)
-        ivon.log_std.copy_(-0.5 * torch.log(ess * (h + delta)))
+        denom = ivon._denom  # h + delta of the step's draw
+        h_hat = torch.mul(m.grad, ivon._last_noise).div_(ivon._sigma)
+        g_bar.lerp_(m.grad, 1 - b1)
+        correction = torch.sub(h, h_hat).square_().div_(denom).mul_(0.5 * (1 - b2) ** 2)
+        h.lerp_(h_hat, 1 - b2).add_(correction)
+        torch.add(h, delta, out=denom)
+        bias = 1 - b1 ** float(state["step"])
+        update = torch.add(g_bar, m, alpha=delta * bias)  # (g_bar / bias + delta m) * bias
+        m.addcdiv_(update, denom, value=-lr / bias)
+        torch.rsqrt(denom, out=ivon._sigma).mul_(ess**-0.5)
 
 
 def _adam(p: Tensor, state: dict, lr: float, b1: float = 0.9, b2: float = 0.999) -> None:
@@ -91,13 +95,19 @@ def _adam(p: Tensor, state: dict, lr: float, b1: float = 0.9, b2: float = 0.999)
 
 
 class _IVONObjective(_VIObjective):
-    """The mean NLL at one weight draw (the prior enters the update, not the loss)."""
+    """The mean NLL at one weight draw ``m + sigma * eps`` (the prior enters the update, not
+    the loss; ``sigma`` comes from the Hessian estimate, so there is nothing to exponentiate and
+    no KL term)."""
 
     def parameters(self) -> list[Tensor]:
         return [self.vi.mu, *self.point]
 
     def loss(self, x: Tensor, y: Tensor, n_data: int) -> Tensor:
-        return self.vi._nll_and_kl(x, y, train=True)[0]
+        vi = self.vi
+        w = torch.addcmul(vi.mu, vi._sigma, vi._next_noise())
+        views = vi._views(w)
+        out = vi._swap(tuple(views[n] for n in vi.bayesian_names), x)
+        return vi.likelihood.training_loss(out, y).mean()
 
     def make_optimizer(self, params: list[Tensor], config: training.TrainConfig) -> _IVONStep:
         return _IVONStep(self.vi, config.lr, self.point)
@@ -105,6 +115,21 @@ class _IVONObjective(_VIObjective):
     def before_step(self) -> None:
         super().before_step()  # the step's shared noise; also on a process without rows
         self.vi._last_noise = self.vi._queued[0]
+
+    def end_epoch(self, epoch: int, optimizer) -> None:
+        super().end_epoch(epoch, optimizer)
+        self.vi._write_log_std()
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, Tensor]]:
+        plain, tensors = super().checkpoint_state()
+        return plain, {**tensors, "ivon.sigma": self.vi._sigma, "ivon.denom": self.vi._denom}
+
+    def load_checkpoint_state(self, json_part: dict, tensors: dict[str, Tensor]) -> None:
+        super().load_checkpoint_state(json_part, tensors)
+        vi = self.vi
+        with torch.no_grad():
+            vi._sigma.copy_(tensors["ivon.sigma"])
+            vi._denom.copy_(tensors["ivon.denom"])
 
 
 @register
@@ -172,11 +197,14 @@ class IVON(MeanFieldVI):
             likelihood,
             prior=GaussianPrior(1 / math.sqrt(prior_precision)),
             init_std=1.0,  # set from hess_init and the data size when fit starts
-            training_noise="fresh",
+            training_noise="pooled",
             chunk_size=chunk_size,
         )
         self._ess, self._delta = 1.0, float(prior_precision)
         self.log_std.requires_grad_(False)  # set by the update from h, not by a gradient
+        # During a fit: the spread of the next draw and h + delta (the update keeps both).
+        self._sigma: Tensor | None = None
+        self._denom: Tensor | None = None
 
     def options(self) -> dict:
         return {
@@ -214,8 +242,10 @@ class IVON(MeanFieldVI):
         self._ess = float(self.ess or max(n, 1))
         self._delta = self.prior_precision / self._ess
         before = self.log_std.detach().clone()
-        with torch.no_grad():
-            self.log_std.fill_(-0.5 * math.log(self._ess * (self.hess_init + self._delta)))
+        start = self.hess_init + self._delta
+        self._denom = torch.full_like(self.mu.detach(), start)
+        self._sigma = torch.full_like(self._denom, (self._ess * start) ** -0.5)
+        self._write_log_std()
         try:
             return super().fit(data, val_data=val_data, **training_options)
         except training.TrainingDivergedError as err:
@@ -223,6 +253,11 @@ class IVON(MeanFieldVI):
                 with torch.no_grad():
                     self.log_std.copy_(before)
             raise
+
+    def _write_log_std(self) -> None:
+        """The spread the update keeps (``sigma``) into ``log_std``, which prediction reads."""
+        with torch.no_grad():
+            torch.log(self._sigma, out=self.log_std)
 
     def _objective(self) -> _IVONObjective:
         super()._objective()  # resets the training noise and the workspace
