@@ -119,6 +119,12 @@ def case_sgmcmc(x, y):
     return post, post.fit((x, y), epochs=3, batch_size=32, lr=0.01, seed=3)
 
 
+def case_ivon(x, y):
+    """IVON's weight draw per step is shared; its update reads the same noise everywhere."""
+    post = bdl.IVON(net(), "gaussian", beta2=0.999)
+    return post, post.fit((x, y), epochs=3, batch_size=32, lr=0.05, seed=3)
+
+
 def case_laplace_kron(x, y):
     post = bdl.Laplace(net(), "gaussian", subset="all", hessian="kron")
     return post, _fit(post, x, y, epochs=2)
