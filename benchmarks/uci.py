@@ -114,8 +114,9 @@ PRIOR_OPTION = frozenset({"mean_field_vi", "sgmcmc", "ivon"})
 #: Step sizes other than :data:`LR`: IVON's step divides by its Hessian estimate (the paper's 0.1).
 LRS: dict[str, float] = {"ivon": 0.1}
 #: Constructor options of a method for every candidate. IVON: the Hessian average must forget its
-#: start within a 5,000-step budget (the paper's beta2 = 0.99999 averages over 100,000 steps),
-#: and a start of 1 keeps the first steps as short as SGD's at the step size.
+#: start within a 5,000-step budget (beta2 = 0.999, the library's default; the paper's 0.99999
+#: averages over 100,000 steps), and a start of 1 keeps the first steps as short as SGD's at the
+#: step size.
 BUILD: dict[str, dict] = {"ivon": {"beta2": 0.999, "hess_init": 1.0}}
 #: Methods whose grid over the prior precision trains as one stacked program: every candidate
 #: becomes a group of members of one ensemble with its own weight decay

@@ -297,7 +297,11 @@ def add_subcommands(subparsers) -> None:
         help="rows per step (default 32)",
     )
     fit.add_argument(
-        "--lr", type=_positive_number, default=1e-3, help="learning rate (default 0.001)"
+        "--lr",
+        type=_positive_number,
+        default=None,
+        help="learning rate (default 0.001; 0.1 for ivon, whose step is divided by its "
+        "Hessian estimate)",
     )
     fit.add_argument(
         "--categorical",
@@ -773,7 +777,7 @@ def _fit_here(args: argparse.Namespace, out: Path, group: distributed.Group | No
             val_data=val_data,
             epochs=args.epochs,
             batch_size=args.batch_size,
-            lr=args.lr,
+            lr=args.lr if args.lr is not None else _DEFAULT_LRS.get(args.method, 1e-3),
             patience=patience if val_data is not None else None,
             seed=args.seed,
             progress=False if args.quiet else None,
@@ -838,6 +842,10 @@ def _fit_here(args: argparse.Namespace, out: Path, group: distributed.Group | No
     lines.append(f"model written to {args.out}")
     print("\n".join(lines))
     return 0
+
+
+#: Learning rates of the methods whose step is not Adam's (``--lr`` unset).
+_DEFAULT_LRS = {"ivon": 0.1}
 
 
 def _fit_pipeline(table: Table, args: argparse.Namespace):

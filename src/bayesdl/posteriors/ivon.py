@@ -147,10 +147,14 @@ class IVON(MeanFieldVI):
         The effective sample size ``lambda`` (``None``: the number of training examples, which
         gives the Bayes posterior; larger values give a narrower one).
     hess_init:
-        The initial Hessian estimate ``h`` (default 0.1), which sets the initial spread
-        ``1 / sqrt(lambda (h + delta))``.
+        The initial Hessian estimate ``h`` (default 1), which sets the initial spread
+        ``1 / sqrt(lambda (h + delta))`` and the length of the first steps, about ``lr / h``
+        (the paper uses 0.1 to 1; 0.1 at ``lr=0.1`` diverges on small regression networks).
     beta1, beta2:
-        Decay rates of the gradient and Hessian averages (defaults 0.9 and 0.99999, the paper's).
+        Decay rates of the gradient and Hessian averages (defaults 0.9 and 0.999). The paper
+        uses ``beta2 = 0.99999`` for runs of hundreds of thousands of steps; over the few
+        thousand steps of a tabular fit that would leave ``h``, and so the spread, at
+        ``hess_init``.
     prior_precision:
         Precision of the Gaussian prior ``N(0, 1/prior_precision)`` on every weight (default 1).
     point_lr:
@@ -172,9 +176,9 @@ class IVON(MeanFieldVI):
         likelihood: str | Likelihood = "categorical",
         *,
         ess: float | None = None,
-        hess_init: float = 0.1,
+        hess_init: float = 1.0,
         beta1: float = 0.9,
-        beta2: float = 0.99999,
+        beta2: float = 0.999,
         prior_precision: float = 1.0,
         point_lr: float = 0.01,
         chunk_size: int | None = None,
