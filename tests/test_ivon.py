@@ -65,3 +65,15 @@ def test_a_likelihood_s_own_parameters_are_point_estimates():
     noise = float(post.likelihood.log_variance.detach().exp())
     assert 0.5 * NOISE_VAR < noise < 1.5 * NOISE_VAR
     assert post.mu.numel() == D  # the noise got no distribution
+
+
+def test_the_clip_radius_bounds_every_step():
+    x, y = _problem()
+    model, likelihood = _linear_model()
+    post = bdl.IVON(model, likelihood, clip_radius=1e-3)
+    start = post.mu.detach().clone()
+    post.fit((x, y), epochs=5, batch_size=N, lr=0.1, seed=0)  # five full-batch steps
+    moved = (post.mu.detach() - start).abs()
+    assert (moved <= 5 * 0.1 * 1e-3 * (1 + 1e-9)).all() and (moved > 0).all()
+    with pytest.raises(ValueError, match="clip_radius"):
+        bdl.IVON(model, likelihood, clip_radius=0.0)

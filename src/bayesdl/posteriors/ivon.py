@@ -76,7 +76,11 @@ class _IVONStep(torch.optim.Optimizer):
         torch.add(h, delta, out=denom)
         bias = 1 - b1 ** float(state["step"])
         update = torch.add(g_bar, m, alpha=delta * bias)  # (g_bar / bias + delta m) * bias
-        m.addcdiv_(update, denom, value=-lr / bias)
+        if ivon.clip_radius is None:
+            m.addcdiv_(update, denom, value=-lr / bias)
+        else:  # each weight's preconditioned step at most clip_radius (before lr)
+            step = update.div_(denom).mul_(1 / bias).clamp_(-ivon.clip_radius, ivon.clip_radius)
+            m.sub_(step, alpha=lr)
         torch.rsqrt(denom, out=ivon._sigma).mul_(ess**-0.5)
 
 
@@ -159,6 +163,11 @@ class IVON(MeanFieldVI):
         Precision of the Gaussian prior ``N(0, 1/prior_precision)`` on every weight (default 1).
     point_lr:
         Adam's learning rate for those point parameters (default 0.01).
+    clip_radius:
+        Clip each weight's preconditioned step ``(g_bar + delta m) / (h + delta)`` to
+        ``[-clip_radius, clip_radius]`` before it is multiplied by ``lr`` (``None``, the default:
+        no clipping). Where the Hessian estimate of a weight falls near 0 its step grows as
+        ``1 / delta``; a radius keeps such late steps from diverging.
     chunk_size:
         As for :class:`~bayesdl.posteriors.mean_field_vi.MeanFieldVI`'s prediction.
 
@@ -181,6 +190,7 @@ class IVON(MeanFieldVI):
         beta2: float = 0.999,
         prior_precision: float = 1.0,
         point_lr: float = 0.01,
+        clip_radius: float | None = None,
         chunk_size: int | None = None,
     ) -> None:
         for name, value, ok in (
@@ -190,12 +200,14 @@ class IVON(MeanFieldVI):
             ("beta2", beta2, _number(beta2) and 0 <= beta2 < 1),
             ("prior_precision", prior_precision, _positive(prior_precision)),
             ("point_lr", point_lr, _positive(point_lr)),
+            ("clip_radius", clip_radius, clip_radius is None or _positive(clip_radius)),
         ):
             if not ok:
                 raise ValueError(f"{name} must be {_WANT[name]}, got {value!r}.")
         self.ess, self.hess_init = ess, float(hess_init)
         self.beta1, self.beta2, self.prior_precision = float(beta1), float(beta2), prior_precision
         self.point_lr = float(point_lr)
+        self.clip_radius = None if clip_radius is None else float(clip_radius)
         super().__init__(
             model,
             likelihood,
@@ -218,6 +230,7 @@ class IVON(MeanFieldVI):
             "beta2": self.beta2,
             "prior_precision": self.prior_precision,
             "point_lr": self.point_lr,
+            "clip_radius": self.clip_radius,
             "chunk_size": self.chunk_size,
         }
 
@@ -275,6 +288,7 @@ _WANT = {
     "beta2": "in [0, 1)",
     "prior_precision": "a number > 0",
     "point_lr": "a number > 0",
+    "clip_radius": "None or a number > 0",
 }
 
 
