@@ -243,3 +243,28 @@ def test_cli_rejects_members_for_methods_without_them(tmp_path, capsys):
     )
     assert status == 2
     assert "--parallel data" in capsys.readouterr().err
+
+
+def test_cli_member_parallel_ensemble_matches_one_process(tmp_path):
+    """Three members over two processes (2 and 1) write the ensemble one process writes."""
+    _diagnosis_csv(tmp_path / "d.csv")
+    fit = ["fit", "d.csv", "--target", "diagnosis", "--method", "deep_ensemble", "--members", "3"]
+    fit += ["--epochs", "3", "--quiet"]
+    done = _torchrun(
+        "--nproc-per-node", "2", "-m", "bayesdl", *fit, "--parallel", "members",
+        "--out", "two.safetensors", cwd=tmp_path,
+    )  # fmt: skip
+    assert "parallel members" in done.stdout
+    one = subprocess.run(
+        [sys.executable, "-m", "bayesdl", *fit, "--out", "one.safetensors"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert one.returncode == 0, one.stderr
+    two_state = bdl.load(tmp_path / "two.safetensors").state_dict()
+    one_state = bdl.load(tmp_path / "one.safetensors").state_dict()
+    assert two_state.keys() == one_state.keys()
+    for key, value in one_state.items():
+        torch.testing.assert_close(two_state[key], value, rtol=1e-4, atol=1e-5, msg=key)
