@@ -47,6 +47,7 @@ __all__ = [
     "TrainConfig",
     "TrainingDivergedError",
     "fit",
+    "training_size",
 ]
 
 
@@ -477,9 +478,27 @@ def loader_batches(
         yield x, y
 
 
+def _n_val(n: int, fraction: float) -> int:
+    """Rows a ``val_fraction`` split holds out of ``n``."""
+    return round(fraction * n)
+
+
+def training_size(data, config: TrainConfig, val_data=None) -> int:
+    """Training examples ``fit`` will see: the rows of ``(x, y)`` less the ``val_fraction`` split
+    (none with ``val_data``), or a DataLoader's dataset size; 0 for what is not data (``fit``
+    then says what is wrong)."""
+    if isinstance(data, DataLoader):
+        return len(data.dataset)
+    try:
+        n = len(data[0])
+    except (TypeError, IndexError, KeyError):
+        return 0
+    return n - _n_val(n, config.val_fraction) if val_data is None else n
+
+
 def _split(data: TensorData, fraction: float, generator: torch.Generator):
     n = len(data)
-    n_val = round(fraction * n)
+    n_val = _n_val(n, fraction)
     if n_val < 1 or n_val >= n:
         raise ValueError(
             f"val_fraction={fraction} of {n} examples leaves {n_val} for validation and "
@@ -728,9 +747,7 @@ def fit(
     before_step = getattr(objective, "before_step", None) if dp is not None else None
 
     params = objective.parameters()
-    make_optimizer = getattr(objective, "make_optimizer", None)
-    make_optimizer = make_optimizer or _make_optimizer
-    optimizer = make_optimizer(params, config)
+    optimizer = getattr(objective, "make_optimizer", _make_optimizer)(params, config)
     after_step = getattr(objective, "after_step", None)
     member_decay = (
         _MemberDecay(objective, params, config) if isinstance(config.weight_decay, tuple) else None
@@ -762,8 +779,8 @@ def fit(
         objective.train(False)
         return TrainingDivergedError(epoch, good_epoch)
 
-    def agreed(flag: bool) -> bool:  # member-parallel processes decide together
-        return flag if members is None else group.any(flag)
+    def agreed(flag: bool) -> bool:  # the processes decide together
+        return flag if group is None else group.any(flag)
 
     stacked = objective.n_orders > 1
     with _seeded(run_seed, device):
@@ -799,8 +816,7 @@ def fit(
                 elif rows:
                     loss = objective.loss(xb, yb, n_data)
                 if first:  # one check per epoch: are this epoch's starting weights good?
-                    bad = bool(rows) and not bool(torch.isfinite(loss).all())
-                    if bad if group is None else group.any(bad):
+                    if agreed(bool(rows) and not bool(torch.isfinite(loss).all())):
                         raise diverged(epoch, run.verified, run.verified_epoch)
                     first = False
                 if dp is not None:
@@ -914,7 +930,6 @@ def _track_best(
         run.history.val_loss.append(summed / members.total)
     if run.best is None:
         run.best, run.best_loss = [t.detach().clone() for t in state], vl.clone()
-        improved = torch.ones_like(vl, dtype=torch.bool)
         run.history.best_epoch = epoch
         run.member_best = torch.full(vl.shape, epoch) if vl.ndim else None
         run.since_best = 0

@@ -47,6 +47,21 @@ PREDICTION_SHARE: contextvars.ContextVar[tuple[int, int, int] | None] = contextv
 )
 
 
+def prediction_rows(rows: int) -> int:
+    """The rows of the whole prediction: ``rows``, or all processes' during a distributed one
+    (for methods that size their chunks of draws by the rows, as a single process does)."""
+    share = PREDICTION_SHARE.get()
+    return rows if share is None else share[2]
+
+
+def refuse_options(method: str, options: dict, fixed: dict[str, tuple], why: str) -> None:
+    """A ``ValueError`` for a ``fit`` option ``method`` sets itself: one of ``fixed`` (name ->
+    the values allowed) given another value; ``why`` says what replaces it."""
+    for name, allowed in fixed.items():
+        if name in options and options[name] not in allowed:
+            raise ValueError(f"{method} sets {name} itself ({why}); drop {name}={options[name]!r}.")
+
+
 def shared_rows(draw, rows: int, *, axis: int = 0) -> Tensor:
     """``draw(n)`` of noise with ``n`` rows along ``axis``: for ``rows`` rows alone, or, during a
     distributed prediction (:data:`PREDICTION_SHARE`), the process's slice of a draw for all

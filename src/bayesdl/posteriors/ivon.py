@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from bayesdl import training
+from bayesdl._options import is_number, is_positive, require
 from bayesdl.likelihoods import Likelihood
-from bayesdl.posteriors.base import register
+from bayesdl.posteriors.base import refuse_options, register
 from bayesdl.posteriors.mean_field_vi import MeanFieldVI, _VIObjective
 from bayesdl.priors import GaussianPrior
 
@@ -194,16 +195,15 @@ class IVON(MeanFieldVI):
         chunk_size: int | None = None,
     ) -> None:
         for name, value, ok in (
-            ("ess", ess, ess is None or _positive(ess)),
-            ("hess_init", hess_init, _positive(hess_init)),
-            ("beta1", beta1, _number(beta1) and 0 <= beta1 < 1),
-            ("beta2", beta2, _number(beta2) and 0 <= beta2 < 1),
-            ("prior_precision", prior_precision, _positive(prior_precision)),
-            ("point_lr", point_lr, _positive(point_lr)),
-            ("clip_radius", clip_radius, clip_radius is None or _positive(clip_radius)),
+            ("ess", ess, ess is None or is_positive(ess)),
+            ("hess_init", hess_init, is_positive(hess_init)),
+            ("beta1", beta1, is_number(beta1) and 0 <= beta1 < 1),
+            ("beta2", beta2, is_number(beta2) and 0 <= beta2 < 1),
+            ("prior_precision", prior_precision, is_positive(prior_precision)),
+            ("point_lr", point_lr, is_positive(point_lr)),
+            ("clip_radius", clip_radius, clip_radius is None or is_positive(clip_radius)),
         ):
-            if not ok:
-                raise ValueError(f"{name} must be {_WANT[name]}, got {value!r}.")
+            require(ok, name, value, _WANT[name])
         self.ess, self.hess_init = ess, float(hess_init)
         self.beta1, self.beta2, self.prior_precision = float(beta1), float(beta2), prior_precision
         self.point_lr = float(point_lr)
@@ -240,22 +240,14 @@ class IVON(MeanFieldVI):
 
     def fit(self, data, *, val_data=None, **training_options) -> training.History:
         """Learn the Gaussian (see :class:`Posterior.fit`); each fit starts from ``hess_init``."""
-        for name, allowed in (
-            ("weight_decay", (0, 0.0)),
-            ("lr_schedule", ("constant",)),
-            ("optimizer", ("adam",)),
-        ):
-            if name in training_options and training_options[name] not in allowed:
-                raise ValueError(
-                    f"IVON sets {name} itself (the prior is prior_precision and the update is "
-                    f"IVON's); drop {name}={training_options[name]!r}."
-                )
-        from bayesdl.posteriors.sgmcmc import _rows
-
+        refuse_options(
+            "IVON",
+            training_options,
+            {"weight_decay": (0, 0.0), "lr_schedule": ("constant",), "optimizer": ("adam",)},
+            "the prior is prior_precision and the update is IVON's",
+        )
         config = training.TrainConfig(**training_options)
-        n = _rows(data, config, val_data)
-        if isinstance(data, torch.utils.data.DataLoader):
-            n = len(data.dataset)
+        n = training.training_size(data, config, val_data)
         self._ess = float(self.ess or max(n, 1))
         self._delta = self.prior_precision / self._ess
         before = self.log_std.detach().clone()
@@ -290,11 +282,3 @@ _WANT = {
     "point_lr": "a number > 0",
     "clip_radius": "None or a number > 0",
 }
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive(value) -> bool:
-    return _number(value) and value > 0

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from bayesdl._options import resolve
 from bayesdl.likelihoods import Likelihood
 from bayesdl.posteriors.base import (
-    PREDICTION_SHARE,
     NetworkObjective,
     Posterior,
+    prediction_rows,
     register,
     shared_rows,
 )
@@ -195,8 +195,7 @@ class MCDropout(Posterior):
     def _sample_outputs(
         self, x: Tensor, n_samples: int, generator: torch.Generator | None
     ) -> Tensor:
-        share = PREDICTION_SHARE.get()  # size the chunks as a single process does
-        chunk = self.chunk_size or max(1, _DEFAULT_CHUNK_ROWS // (share or (0, 0, len(x)))[2])
+        chunk = self.chunk_size or max(1, _DEFAULT_CHUNK_ROWS // prediction_rows(len(x)))
         was_training = self.network.training
         self.network.eval()
         try:

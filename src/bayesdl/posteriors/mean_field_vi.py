@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from bayesdl._options import resolve
 from bayesdl._random import MIN_PARALLEL, randn
 from bayesdl.likelihoods import Likelihood
-from bayesdl.posteriors.base import PREDICTION_SHARE, Posterior, register
+from bayesdl.posteriors.base import Posterior, prediction_rows, register
 from bayesdl.posteriors.stacked import StackedCall, StackedModule
 from bayesdl.posteriors.vi_estimators import (
     LOCAL_LAYERS,
@@ -523,7 +523,7 @@ class MeanFieldVI(Posterior):
         # Draw the noise of several weight sets at once (large draws are filled in parallel,
         # see bayesdl._random); the stacked call then runs them in cache-sized chunks of rows.
         chunk = self.chunk_size or max(
-            _DEFAULT_CHUNK_ROWS // (PREDICTION_SHARE.get() or (0, 0, x.shape[0]))[2],
+            _DEFAULT_CHUNK_ROWS // prediction_rows(x.shape[0]),
             -(-MIN_PARALLEL // mu.numel()),
         )
         outs = []

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from bayesdl import training
-from bayesdl._options import resolve
+from bayesdl._options import is_number, require, resolve
 from bayesdl.likelihoods import Likelihood
-from bayesdl.posteriors.base import NetworkObjective, Posterior, register
+from bayesdl.posteriors.base import NetworkObjective, Posterior, refuse_options, register
 from bayesdl.posteriors.deep_ensemble import StackedMembers
 
 __all__ = ["SGMCMC", "Sampler", "StepSchedule"]
@@ -235,25 +235,25 @@ class SGMCMC(StackedMembers):
     ) -> None:
         self.sampler = resolve(Sampler, sampler, "sampler")
         self.schedule = resolve(StepSchedule, schedule, "schedule")
-        _check(isinstance(n_kept, int) and not isinstance(n_kept, bool) and n_kept >= 1,
+        require(isinstance(n_kept, int) and not isinstance(n_kept, bool) and n_kept >= 1,
                "n_kept", n_kept, "a positive integer")  # fmt: skip
         if burn_in is None:
             burn_in = 0.0 if self.schedule is StepSchedule.CYCLICAL else 0.5
-        _check(
+        require(
             (isinstance(burn_in, float) and 0 <= burn_in < 1)
             or (isinstance(burn_in, int) and not isinstance(burn_in, bool) and burn_in >= 0),
             "burn_in",
             burn_in,
             "a fraction in [0, 1) of the run or a whole number of epochs",
         )
-        _check(thin is None or (isinstance(thin, int) and thin >= 1), "thin", thin,
+        require(thin is None or (isinstance(thin, int) and thin >= 1), "thin", thin,
                "None or a positive integer")  # fmt: skip
-        _check(_number(temperature) and temperature >= 0, "temperature", temperature, ">= 0")
-        _check(_number(prior_precision) and prior_precision > 0, "prior_precision",
+        require(is_number(temperature) and temperature >= 0, "temperature", temperature, ">= 0")
+        require(is_number(prior_precision) and prior_precision > 0, "prior_precision",
                prior_precision, "> 0")  # fmt: skip
-        _check(_number(friction) and 0 < friction <= 1, "friction", friction, "in (0, 1]")
-        _check(isinstance(cycles, int) and cycles >= 1, "cycles", cycles, "a positive integer")
-        _check(_number(exploration) and 0 <= exploration < 1, "exploration", exploration,
+        require(is_number(friction) and 0 < friction <= 1, "friction", friction, "in (0, 1]")
+        require(isinstance(cycles, int) and cycles >= 1, "cycles", cycles, "a positive integer")
+        require(is_number(exploration) and 0 <= exploration < 1, "exploration", exploration,
                "in [0, 1)")  # fmt: skip
         self.n_kept, self.burn_in, self.thin = n_kept, burn_in, thin
         self.temperature, self.prior_precision = float(temperature), float(prior_precision)
@@ -328,25 +328,24 @@ class SGMCMC(StackedMembers):
     # ----------------------------------------------------------------- training
     def fit(self, data, *, val_data=None, **training_options) -> training.History:
         """Run the chain (see :class:`Posterior.fit`) and keep its samples."""
-        for name, allowed in (
-            ("weight_decay", (0, 0.0)),
-            ("lr_schedule", ("constant",)),
-            ("patience", (None,)),
-            ("optimizer", ("adam",)),
-        ):
-            if name in training_options and training_options[name] not in allowed:
-                raise ValueError(
-                    f"SGMCMC sets {name} itself: the prior is prior_precision, the step size "
-                    "follows the schedule option, the update is the sampler and the chain is "
-                    f"not cut short; drop {name}={training_options[name]!r}."
-                )
+        refuse_options(
+            "SGMCMC",
+            training_options,
+            {
+                "weight_decay": (0, 0.0),
+                "lr_schedule": ("constant",),
+                "patience": (None,),
+                "optimizer": ("adam",),
+            },
+            "the prior is prior_precision, the step size follows the schedule option, the "
+            "update is the sampler and the chain is not cut short",
+        )
         config = training.TrainConfig(**training_options)
-        n = _rows(data, config, val_data)
+        n = training.training_size(data, config, val_data)
         if not n:  # no rows, or not data: the fit loop says what is wrong
             return super().fit(data, val_data=val_data, **training_options)
-        per_epoch = (
-            n if isinstance(data, torch.utils.data.DataLoader) else -(-n // config.batch_size)
-        )
+        loader = isinstance(data, torch.utils.data.DataLoader)
+        per_epoch = len(data) if loader else -(-n // config.batch_size)  # steps
         steps = per_epoch * config.epochs
         burn = self.burn_in
         burn_steps = round(burn * steps) if isinstance(burn, float) else burn * per_epoch
@@ -397,25 +396,3 @@ class SGMCMC(StackedMembers):
             **{f"network.{k}": v for k, v in self.network.state_dict().items()},
             "sgmcmc.n_collected": self._n,
         }
-
-
-def _rows(data, config: training.TrainConfig, val_data) -> int:
-    """Training rows per epoch (after the validation split), or a DataLoader's batches."""
-    if isinstance(data, torch.utils.data.DataLoader):
-        return len(data)
-    try:
-        n = len(data[0])
-    except (TypeError, IndexError, KeyError):
-        return 0
-    if val_data is None and config.val_fraction > 0:
-        n -= round(config.val_fraction * n)
-    return n
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check(ok: bool, name: str, value, want: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {want}, got {value!r}.")

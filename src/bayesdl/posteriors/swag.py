@@ -52,7 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 from bayesdl import training
-from bayesdl._options import resolve
+from bayesdl._options import is_positive, resolve
 from bayesdl._random import randn
 from bayesdl.data import as_inputs
 from bayesdl.likelihoods import Likelihood
@@ -219,12 +219,12 @@ class SWAG(StackedMembers):
         bn_batch_size: int = 512,
     ) -> None:
         _check_int("rank", rank, 1)
-        if not _positive(scale):
+        if not is_positive(scale):
             raise ValueError(
                 f"scale must be a positive finite number (usually 0.5), got {scale!r}."
             )
         self.swa_start = _check_swa_start(swa_start)
-        if swa_lr is not None and not _positive(swa_lr):
+        if swa_lr is not None and not is_positive(swa_lr):
             raise ValueError(f"swa_lr must be None or a positive finite number, got {swa_lr!r}.")
         self.swa_schedule = resolve(SWASchedule, swa_schedule, "swa_schedule")
         if self.swa_schedule is SWASchedule.CYCLIC and swa_lr is None:
@@ -557,15 +557,6 @@ class SWAG(StackedMembers):
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
-def _positive(value) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and value > 0
-        and math.isfinite(value)
-    )
 
 
 def _check_swa_start(value) -> float | int:
