@@ -33,7 +33,10 @@ Cases
 ``mlp_predict_s100_<method>``
     For every registered method except ``deterministic``: 100 draws on 1,000 inputs of a
     784-400-400-10 dropout MLP, against 100 deterministic forward passes (the practical floor).
-    An ensemble's draws are its 100 members, SG-MCMC's its 100 kept samples.
+    An ensemble's draws are its 100 members, SG-MCMC's its 100 kept samples. Methods with
+    Gaussian weights (mean-field VI, IVON, SWAG) run with their default
+    ``prediction_noise="local"`` and are also timed against themselves with
+    ``prediction_noise="weights"`` (whole weight draws in every layer).
 ``save_ensemble_1m``
     ``bayesdl.save`` of a 5-member ``DeepEnsemble`` of a 64-1000-900-2 MLP (967,702 weights per
     member, 19 MB of float32) to a temporary folder, against ``safetensors.torch.save_file`` of
@@ -514,6 +517,21 @@ MLP_BUILDERS: dict[str, Callable[[nn.Module, int], bdl.Posterior]] = {
 }
 
 
+def _whole_weight_draws(post: bdl.Posterior, x: Tensor, n: int, generator) -> Timed:
+    """``post.sample_outputs`` with whole weight sets in every layer."""
+
+    def run() -> Tensor:
+        kept = post.prediction_noise
+        post.prediction_noise = type(kept)("weights")
+        try:
+            with torch.no_grad():
+                return post.sample_outputs(x, n, generator=generator)
+        finally:
+            post.prediction_noise = kept
+
+    return run
+
+
 def _mlp_case(name: str) -> CaseBuilder:
     def case(quick: bool, device: torch.device) -> tuple[Timed, Timed, dict]:
         n_samples, batch, hidden = (10, 50, 64) if quick else (100, 1000, 400)
@@ -533,6 +551,14 @@ def _mlp_case(name: str) -> CaseBuilder:
             "batch": batch,
             "net": f"784-{hidden}-{hidden}-10",
         }
+        if hasattr(post, "prediction_noise"):  # what the local trick in the first layer buys
+            info["prediction_noise"] = post.prediction_noise.value
+            info["extra_baselines"] = {
+                "whole_weight_draws": (
+                    _whole_weight_draws(post, x, n_samples, generator),
+                    "the same method with prediction_noise='weights'",
+                )
+            }
         return method, _forward_loop(floor_net, x, n_samples, train_mode=False), info
 
     return case

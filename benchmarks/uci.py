@@ -24,7 +24,8 @@ The protocol, the same for every data set and method (written up in the README):
   candidates chosen by greedy ensemble selection on validation, refitted in one stacked
   program, and keep their grid members beside the refitted ones (:data:`JOIN_GRID_MEMBERS`);
   optionally (``--variance-scaling``) each candidate's noise variances get a factor fitted on
-  validation (:data:`VARIANCE_SCALING`);
+  validation (:data:`VARIANCE_SCALING`); a candidate whose fit diverges is not chosen, and a
+  refit that diverges is scored with its last good weights (:data:`DIVERGENCE`, recorded);
 * test RMSE of the predictive mean and mean per-point test log-likelihood of the predictive
   (the Gaussian mixture over the method's draws), both on the original target scale (the
   log-density of standardised targets minus ``log(y_std)``); mean and standard error over splits.
@@ -120,6 +121,12 @@ LRS: dict[str, float] = {"ivon": 0.1}
 #: (at step 0.1 and at 0.05), once the Hessian estimate of some weights had fallen near 0; a
 #: radius of 1 bounds each weight's step to the step size.
 BUILD: dict[str, dict] = {"ivon": {"beta2": 0.999, "hess_init": 1.0, "clip_radius": 1.0}}
+#: What a fit that diverges (``TrainingDivergedError``: a NaN or infinite loss) does to a run.
+#: A grid candidate that diverges is not chosen (its validation log-likelihood is NaN). A refit
+#: that diverges after at least one good epoch is scored with the weights of its last good
+#: epoch, which the fit loop restores; one that diverges in its first epoch stops the run. Every
+#: such event is recorded in the split's selection (``"diverged"``) and counted in the table.
+DIVERGENCE = "recorded"
 #: Methods whose grid over the prior precision trains as one stacked program: every candidate
 #: becomes a group of members of one ensemble with its own weight decay
 #: (``TrainConfig.weight_decay`` per member) and its own best validation epoch; the point estimate
@@ -305,6 +312,7 @@ def run_method(
     xi, yi, xv = inner.transform_x(x_in), inner.transform_y(y_in), inner.transform_x(x_val)
     epochs = epochs_for(len(x_in), n_epochs, epochs_scale)
     kept: dict = {}
+    diverged: list[dict] = []  # fits that diverged (DIVERGENCE)
     if len(grid) < 2:
         outcomes = []
     elif method in STACKED_GRID:
@@ -322,10 +330,15 @@ def run_method(
         )
     else:
         outcomes = []
-        for candidate in grid:
+        for j, candidate in enumerate(grid):
             post = build(method, candidate, split.x_train.shape[1], n_hidden, seed)
             yv = inner.transform_y(y_val)
-            history = _fit(post, method, xi, yi, candidate, epochs, seed, val=(xv, yv))
+            try:
+                history = _fit(post, method, xi, yi, candidate, epochs, seed, val=(xv, yv))
+            except bdl.TrainingDivergedError as err:  # a setting that diverges is not chosen
+                diverged.append({"fit": "grid", "candidate": j, "epoch": err.epoch})
+                outcomes.append(Outcome(float("nan"), 1.0, float("nan"), epochs))
+                continue
             outputs = post.sample_outputs(xv, generator=_predict_generator())
             best_epoch = history.best_epoch or epochs
             outcomes.append(
@@ -383,7 +396,14 @@ def run_method(
             if method == "laplace":  # the curvature at the shared MAP network, as Laplace.fit
                 post.fit((x, y))
         else:
-            _fit(post, method, x, y, refit_candidate, refit_epochs, seed)
+            try:
+                _fit(post, method, x, y, refit_candidate, refit_epochs, seed)
+            except bdl.TrainingDivergedError as err:  # scored with the last good weights
+                if err.last_good_epoch == 0:
+                    raise
+                diverged.append(
+                    {"fit": "refit", "epoch": err.epoch, "last_good_epoch": err.last_good_epoch}
+                )
             if key is not None:
                 _POINT_FITS[key] = copy.deepcopy(post.model.state_dict())
         outputs = post.sample_outputs(x_test, generator=_predict_generator())
@@ -402,6 +422,8 @@ def run_method(
     }
     if joined:
         selection["mixture"] = mixture
+    if diverged:
+        selection["diverged"] = diverged
     return scores, selection
 
 
@@ -648,7 +670,9 @@ def run_dataset(
         log(
             f"{ds.name} {method} split {i}: rmse {scores.rmse:.4g} ll {scores.ll:.4g} "
             f"({seconds:.1f} s, candidate {selection['candidate']}, "
-            f"{selection['epochs']} epochs)"
+            f"{selection['epochs']} epochs"
+            + (f", diverged: {selection['diverged']}" if "diverged" in selection else "")
+            + ")"
         )
     return {**result.summary(), "splits_in_data": ds.n_splits}
 
@@ -728,6 +752,21 @@ def write_markdown(results: dict, reference: dict | None, path: Path) -> None:
         + " |",
         "",
     ]
+    events = []
+    for name in sorted(datasets):
+        for m in ours:
+            r = datasets[name].get(m)
+            picks = (r or {}).get("per_split", {}).get("selection", [])
+            grid = sum(e["fit"] == "grid" for p in picks for e in p.get("diverged", []))
+            refit = [e for p in picks for e in p.get("diverged", []) if e["fit"] == "refit"]
+            if grid or refit:
+                text = f"- {name}, {m}: {grid} grid fit(s) diverged (not chosen)"
+                if refit:
+                    epochs = ", ".join(f"{e['epoch']} (kept {e['last_good_epoch']})" for e in refit)
+                    text += f"; {len(refit)} refit(s) diverged at epoch {epochs}"
+                events.append(text)
+    if events:
+        lines += ["## Diverged fits", "", *events, ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 

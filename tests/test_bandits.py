@@ -14,6 +14,7 @@ import torch
 import bayesdl as bdl
 from bayesdl import bandits
 from bayesdl.files import ModelFileError
+from bayesdl.models import mlp
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -217,6 +218,28 @@ def test_every_posterior_plays(make, policy):
     assert result.actions[:10].tolist() == [0, 1, 2, 3, 4] * 2  # the initial pulls
     draws = agent.expected_rewards(problem.contexts[:4], 6 if policy != "thompson" else None)
     assert draws.shape[1:] == (4, 5) and torch.isfinite(draws).all()
+
+
+@pytest.mark.parametrize("method", ["mean_field_vi", "swag"])
+def test_a_draw_scores_every_action_with_the_same_weights(method):
+    """Methods whose prediction draws the first layer's noise per row
+    (``prediction_noise="local"``) draw whole weight sets for an agent: the action rows of a
+    context share each draw, so two copies of one context get equal draws. (A Gaussian with
+    a mean and a variance per row: the network then runs on the stacked fast path, where the
+    local draws apply.)"""
+    torch.manual_seed(0)
+    problem = bandits.wheel_bandit(0.5, 30, seed=0)
+    post = bdl.get_posterior(method)(mlp(7, 2, (8,)), "gaussian")
+    agent = bandits.PosteriorAgent(post, 5, refit_every=10, train_steps=5)
+    bandits.run(agent, problem, seed=0)
+    x = problem.contexts[:1].expand(2, 2)
+    draws = agent.expected_rewards(x, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draws[:, 0], draws[:, 1])  # equal up to float32 rounding
+    assert post.prediction_noise.value == "local"  # restored after the agent's call
+    same = torch.cat([x, torch.eye(5)[[0, 0]]], 1)  # one (context, action) row twice
+    assert post._local_layers(same)
+    rows = post.sample_outputs(same, 4)  # outside the agent: first-layer noise per row
+    assert not torch.allclose(rows[:, 0], rows[:, 1])
 
 
 def test_thompson_draws_once_per_decision():

@@ -84,6 +84,7 @@ def _mc_dropout(ns):
 
 def _mean_field_vi(ns):
     assert ns["vi_pred"].mean.shape == (8,) and len(ns["report"].rows) >= 2
+    assert ns["rows_equal"] == (False, True) and ns["local"].shape == (3, 2, 2)
 
 
 def _swag(ns):

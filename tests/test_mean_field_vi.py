@@ -455,3 +455,176 @@ def test_output_noise_layers_draw_no_weight_noise_with_a_closed_form_kl():
     mixture = bdl.MeanFieldVI(net, "gaussian", estimator="local", prior=ScaleMixturePrior())
     mixture._objective().loss(x, y, 16)
     assert mixture._last_noise is not None and len(mixture._last_noise) == mixture.n_bayesian
+
+
+# ----------------------------------------------------------------- prediction noise
+def _spread_vi(model: nn.Module, **options) -> bdl.MeanFieldVI:
+    """A mean-field posterior with standard deviations spread over [0.05, 0.6]."""
+    post = bdl.MeanFieldVI(model, "categorical", **options)
+    with torch.no_grad():
+        post.log_std.uniform_(
+            math.log(0.05), math.log(0.6), generator=torch.Generator().manual_seed(3)
+        )
+    return post
+
+
+def test_local_prediction_noise_has_the_closed_form_distribution_of_a_linear_layer():
+    """One Linear layer: every row's outputs are N(x mu^T + mu_b, x^2 (sigma^2)^T + sigma_b^2),
+    units independent (Kolmogorov-Smirnov against the closed form, and the moments)."""
+    from scipy import stats
+
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 3).double()
+    post = _spread_vi(layer)
+    assert post._local_layers(torch.zeros(2, 5, dtype=f64)) == (("model.weight", "model.bias"),)
+    x = torch.randn(4, 5, dtype=f64)
+    n = 20_000
+    out = post.sample_outputs(x, n, generator=torch.Generator().manual_seed(1))
+    mu, sig = post._views(post.mu.detach()), post._views(post.sigma.detach())
+    mean = x @ mu["model.weight"].T + mu["model.bias"]
+    var = x.square() @ sig["model.weight"].square().T + sig["model.bias"].square()
+    z = (out - mean) / var.sqrt()
+    assert z.mean(0).abs().max() < 4 / math.sqrt(n)
+    torch.testing.assert_close(z.var(0), torch.ones_like(var), rtol=0, atol=0.05)
+    p_values = [stats.kstest(z[:, b, k].numpy(), "norm").pvalue for b in range(4) for k in range(3)]
+    assert min(p_values) > 1e-3 / 12  # Bonferroni over the 12 outputs
+    corr = torch.corrcoef(z.reshape(n, -1).T)
+    off = corr - torch.eye(12, dtype=f64)
+    assert off.abs().max() < 5 / math.sqrt(n)  # units and rows independent
+
+
+def test_local_and_weight_draws_give_each_row_the_same_predictive_distribution():
+    """A tanh MLP: the local reparameterisation trick in its first layer leaves every row's
+    output distribution that of whole weight draws (means and standard deviations of the
+    outputs within Monte Carlo error, two-sample Kolmogorov-Smirnov)."""
+    from scipy import stats
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    local = _spread_vi(net)
+    weights = _spread_vi(net, prediction_noise="weights")
+    torch.testing.assert_close(local.log_std, weights.log_std)
+    x = torch.randn(4, 3, dtype=f64)
+    n = 30_000
+    a = local.sample_outputs(x, n, generator=torch.Generator().manual_seed(1))
+    b = weights.sample_outputs(x, n, generator=torch.Generator().manual_seed(2))
+    se = (a.var(0) / n + b.var(0) / n).sqrt()
+    assert ((a.mean(0) - b.mean(0)).abs() / se).max() < 4.5
+    torch.testing.assert_close(a.std(0) / b.std(0), torch.ones(4, 2, dtype=f64), rtol=0, atol=0.04)
+    p_values = [
+        stats.ks_2samp(a[:, i, k].numpy(), b[:, i, k].numpy()).pvalue
+        for i in range(4)
+        for k in range(2)
+    ]
+    assert min(p_values) > 1e-3 / 8
+
+
+def test_local_draws_are_reproducible_and_independent_across_rows():
+    """Same generator state, same draws; two copies of one row share a whole weight draw but
+    get independent first-layer noise under the local trick."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2)).double()
+    local = _spread_vi(net)
+    weights = _spread_vi(net, prediction_noise="weights")
+    x = torch.randn(1, 3, dtype=f64).expand(2, 3)
+
+    def draw(post, seed):
+        return post.sample_outputs(x, 50, generator=torch.Generator().manual_seed(seed))
+
+    torch.testing.assert_close(draw(local, 0), draw(local, 0), rtol=0, atol=0)
+    assert not torch.equal(draw(local, 0), draw(local, 1))
+    same = draw(weights, 0)
+    torch.testing.assert_close(same[:, 0], same[:, 1])  # up to rounding
+    apart = draw(local, 0)
+    assert (apart[:, 0] - apart[:, 1]).abs().min() > 0
+
+
+class _TwoHeads(nn.Module):
+    """Two linear layers on the input and a sum (a tensor method): the stacked fast path is
+    left, so prediction keeps whole weight draws."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.a(x)) + torch.relu(self.b(x)))
+
+
+class _Reused(nn.Module):
+    """One Linear applied to the input and again to its own output: not local."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+class _Squashed(nn.Module):
+    """The input goes through tanh first: no layer sees the shared input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(x))
+
+
+@pytest.mark.parametrize(
+    ("make", "want"),
+    [
+        (_TwoHeads, ()),
+        (_Reused, ()),
+        (_Squashed, ()),
+        (
+            lambda: nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh()),
+            (("model.0.weight", None),),
+        ),
+    ],
+)
+def test_local_layers_are_the_linear_layers_that_take_the_input_alone(make, want):
+    """Which layers the trick serves, and that predictions keep every row's distribution
+    (output means and spreads against whole weight draws)."""
+    torch.manual_seed(0)
+    net = make().double()
+    local = _spread_vi(net)
+    x = torch.randn(3, 3, dtype=f64)
+    assert local._local_layers(x) == want
+    weights = _spread_vi(net, prediction_noise="weights")
+    n = 20_000
+    a = local.sample_outputs(x, n, generator=torch.Generator().manual_seed(1))
+    b = weights.sample_outputs(x, n, generator=torch.Generator().manual_seed(2))
+    se = (a.var(0) / n + b.var(0) / n).sqrt()
+    assert ((a.mean(0) - b.mean(0)).abs() / se).max() < 4.5
+    torch.testing.assert_close(a.std(0), b.std(0), rtol=0.05, atol=1e-12)
+
+
+def test_local_layers_with_a_point_bias_and_middle_dimensions():
+    """A Bayesian weight with a point-estimate bias, applied to inputs (B, T, in): the bias
+    enters the mean only, and every position gets its own noise."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 2))
+    post = bdl.MeanFieldVI(net.double(), "categorical", bayesian=["0.weight"], init_std=0.4)
+    x = torch.randn(2, 5, 3, dtype=f64)
+    assert post._local_layers(x) == (("model.0.weight", "model.0.bias"),)
+    n = 20_000
+    out = post.sample_outputs(x, n, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (n, 2, 5, 2)
+    mean = net(x).detach()
+    var = x.square() @ torch.full((3, 2), 0.16, dtype=f64)
+    z = (out - mean) / var.sqrt()
+    assert z.mean(0).abs().max() < 4.5 / math.sqrt(n)
+    torch.testing.assert_close(z.var(0), torch.ones_like(var), rtol=0, atol=0.06)
+
+
+def test_prediction_noise_is_an_option_that_round_trips(tmp_path):
+    post = bdl.MeanFieldVI(nn.Linear(2, 2), "categorical", prediction_noise="weights")
+    assert post.options()["prediction_noise"] == "weights"
+    path = tmp_path / "vi.bdl"
+    bdl.save(post, path)
+    assert bdl.load(path, nn.Linear(2, 2)).prediction_noise.value == "weights"
+    with pytest.raises(ValueError, match="prediction_noise"):
+        bdl.MeanFieldVI(nn.Linear(2, 2), "categorical", prediction_noise="rows")

@@ -29,7 +29,7 @@ TINY = {"hidden": (8,), "epochs": 5, "n_members": 2, "lr": 0.05}
 
 # Methods whose draws are made per row of the batch: a row's Monte Carlo average depends on
 # the rows drawn with it, so the two batch-invariance checks cannot apply (see the docstrings).
-PER_ROW_DRAWS = ("mc_dropout", "laplace")
+PER_ROW_DRAWS = ("mc_dropout", "laplace", "mean_field_vi")
 BATCH_INVARIANCE = {
     "check_methods_sample_order_invariance": "draws are made per row of the batch",
     "check_methods_subset_invariance": "draws are made per row of the batch",

@@ -513,3 +513,42 @@ def test_refit_candidate_overrides_only_the_listed_build_options(monkeypatch):
     refit["build"].pop("other")
     post = uci.build("deep_ensemble", refit, n_features=3, n_hidden=4, seed=0)
     assert post.n_members == 7
+
+
+def test_diverged_fits_are_not_chosen_and_are_recorded(tmp_path, monkeypatch):
+    """A grid candidate whose fit diverges loses the selection; a refit that diverges after a
+    good epoch is scored with the weights it kept; both are recorded and listed in the table.
+    A refit that diverges in its first epoch stops the run."""
+    write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
+    split = bdl.data.load_uci(tmp_path / "toy").split(0)
+    fit = uci._fit
+    calls = []
+
+    def diverging(post, method, x, y, candidate, epochs, seed, val=None):
+        calls.append(val is None)
+        history = fit(post, method, x, y, candidate, 2, seed, val=val)  # two good epochs
+        if val is None or len(calls) == 2:  # the refit, and the second grid candidate: NaN
+            raise bdl.TrainingDivergedError(3, last_good)
+        return history
+
+    monkeypatch.setattr(uci, "_fit", diverging)
+    last_good = 2
+    scores, selection = uci.run_method("ivon", split, n_hidden=8, n_epochs=5)
+    assert calls == [False, False, False, True]  # three grid candidates, then the refit
+    assert selection["candidate"] != 1 and math.isfinite(scores.ll)
+    assert selection["diverged"] == [
+        {"fit": "grid", "candidate": 1, "epoch": 3},
+        {"fit": "refit", "epoch": 3, "last_good_epoch": 2},
+    ]
+    results = {"datasets": {"toy": {"ivon": {
+        "rmse": [scores.rmse, 0.0], "ll": [scores.ll, 0.0], "seconds": 1.0, "n_splits": 1,
+        "per_split": {"selection": [selection]},
+    }}}}  # fmt: skip
+    uci.write_markdown(results, None, tmp_path / "t.md")
+    text = (tmp_path / "t.md").read_text()
+    assert "## Diverged fits" in text
+    assert "toy, ivon: 1 grid fit(s) diverged (not chosen); 1 refit(s) diverged at epoch 3" in text
+    calls.clear()
+    last_good = 0
+    with pytest.raises(bdl.TrainingDivergedError):
+        uci.run_method("ivon", split, n_hidden=8, n_epochs=5)

@@ -286,12 +286,14 @@ class BayesianMLPClassifier(ClassifierMixin, _BayesianMLP):
     -----
     ``sklearn.utils.estimator_checks.check_estimator`` passes every check for the default
     ``method="deep_ensemble"`` and for ``"deterministic"``. Two checks cannot apply to the
-    methods that draw per row of the batch, ``"mc_dropout"`` (a dropout mask per row) and
-    ``"laplace"`` (its linearised predictive samples function values per row):
-    ``check_methods_sample_order_invariance`` and ``check_methods_subset_invariance`` ask that
-    a row's prediction does not depend on the other rows of the batch, but there each row's
-    Monte Carlo average has noise of its own (shrinking as ``n_samples`` grows). For
-    ``"mean_field_vi"`` and ``"swag"`` the classifier's probabilities for one row differ
+    methods that draw per row of the batch, ``"mc_dropout"`` (a dropout mask per row),
+    ``"laplace"`` (its linearised predictive samples function values per row) and
+    ``"mean_field_vi"`` (the local reparameterisation trick in the first layer draws its noise
+    per row): ``check_methods_sample_order_invariance`` and ``check_methods_subset_invariance``
+    ask that a row's prediction does not depend on the other rows of the batch, but there each
+    row's Monte Carlo average has noise of its own (shrinking as ``n_samples`` grows);
+    ``method_options={"prediction_noise": "weights"}`` gives ``"mean_field_vi"`` whole weight
+    draws shared by the rows. For ``"swag"`` the classifier's probabilities for one row differ
     between batch orders by float32 rounding (about ``1e-7``), which the relative tolerance of
     ``check_methods_sample_order_invariance`` (``1e-7``) can flag. There is no
     ``sample_weight``.
@@ -374,8 +376,8 @@ class BayesianMLPRegressor(RegressorMixin, _BayesianMLP):
     Notes
     -----
     ``check_estimator`` passes every check for the default ``method="deep_ensemble"``, and for
-    ``"deterministic"``, ``"mean_field_vi"`` and ``"swag"``; for ``"mc_dropout"`` and
-    ``"laplace"`` the two batch-invariance checks cannot apply, for the reason given in
+    ``"deterministic"`` and ``"swag"``; for ``"mc_dropout"``, ``"laplace"`` and
+    ``"mean_field_vi"`` the two batch-invariance checks cannot apply, for the reason given in
     :class:`BayesianMLPClassifier`. There is no ``sample_weight``.
     """
 

@@ -37,6 +37,7 @@ from bayesdl.data import as_inputs
 from bayesdl.models import mlp
 from bayesdl.posteriors.base import Posterior
 from bayesdl.posteriors.deep_ensemble import DeepEnsemble
+from bayesdl.posteriors.stacked import joint_draws
 
 __all__ = [
     "Agent",
@@ -362,9 +363,11 @@ class PosteriorAgent(Agent):
         return self.n_samples if n_samples is None else n_samples
 
     def _draws(self, x: Tensor, n_samples: int | None, generator) -> Tensor:
-        out = self.posterior.sample_outputs(
-            action_rows(x, self.n_actions), n_samples, generator=generator
-        )
+        # A draw scores every action of a context: its rows must share the draw's weights.
+        with joint_draws(self.posterior):
+            out = self.posterior.sample_outputs(
+                action_rows(x, self.n_actions), n_samples, generator=generator
+            )
         mean = self.posterior.likelihood.mean_variance(out)[0]  # (S, B * A)
         center, scale = self.reward_scale
         return (mean * scale + center).reshape(len(mean), len(x), self.n_actions)

@@ -28,7 +28,7 @@ from bayesdl import training
 from bayesdl._options import is_number, is_positive, require
 from bayesdl.likelihoods import Likelihood
 from bayesdl.posteriors.base import refuse_options, register
-from bayesdl.posteriors.mean_field_vi import MeanFieldVI, _VIObjective
+from bayesdl.posteriors.mean_field_vi import MeanFieldVI, PredictionNoise, _VIObjective
 from bayesdl.priors import GaussianPrior
 
 __all__ = ["IVON"]
@@ -169,8 +169,9 @@ class IVON(MeanFieldVI):
         ``[-clip_radius, clip_radius]`` before it is multiplied by ``lr`` (``None``, the default:
         no clipping). Where the Hessian estimate of a weight falls near 0 its step grows as
         ``1 / delta``; a radius keeps such late steps from diverging.
-    chunk_size:
-        As for :class:`~bayesdl.posteriors.mean_field_vi.MeanFieldVI`'s prediction.
+    chunk_size, prediction_noise:
+        As for :class:`~bayesdl.posteriors.mean_field_vi.MeanFieldVI`'s prediction (by default
+        the local reparameterisation trick in the linear layers that take the model's input).
 
     ``fit``'s ``lr`` is IVON's step (the paper uses about 0.1 with ``hess_init`` near 0.1 to 1; the
     update divides by ``h + delta``, so it is not an Adam learning rate). ``optimizer``,
@@ -193,6 +194,7 @@ class IVON(MeanFieldVI):
         point_lr: float = 0.01,
         clip_radius: float | None = None,
         chunk_size: int | None = None,
+        prediction_noise: PredictionNoise | str = PredictionNoise.LOCAL,
     ) -> None:
         for name, value, ok in (
             ("ess", ess, ess is None or is_positive(ess)),
@@ -215,6 +217,7 @@ class IVON(MeanFieldVI):
             init_std=1.0,  # set from hess_init and the data size when fit starts
             training_noise="pooled",
             chunk_size=chunk_size,
+            prediction_noise=prediction_noise,
         )
         self._ess, self._delta = 1.0, float(prior_precision)
         self.log_std.requires_grad_(False)  # set by the update from h, not by a gradient
@@ -232,6 +235,7 @@ class IVON(MeanFieldVI):
             "point_lr": self.point_lr,
             "clip_radius": self.clip_radius,
             "chunk_size": self.chunk_size,
+            "prediction_noise": self.prediction_noise.value,
         }
 
     @classmethod

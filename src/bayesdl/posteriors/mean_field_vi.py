@@ -18,8 +18,19 @@ per parameter tensor.
 Gradient estimators (:class:`Estimator`): plain reparameterisation samples the weights (any
 layer); the local reparameterisation trick and Flipout serve ``nn.Linear`` and ``nn.Conv1d/2d/3d``
 layers by perturbing their outputs instead (the other Bayesian layers of the same model keep
-weight sampling). They only change training: prediction always draws whole weight sets, ``S`` at
-once through :class:`~bayesdl.posteriors.stacked.StackedModule`.
+weight sampling). They only change training.
+
+Prediction (:class:`PredictionNoise`) draws ``S`` weight sets at once through
+:class:`~bayesdl.posteriors.stacked.StackedModule`, except, by default, in the ``nn.Linear``
+layers that take the model's input itself (the first layer of an MLP). Their input is the same
+under every draw, so the local reparameterisation trick is exact there and cheap: the
+pre-activations of row ``b`` under a draw are ``N(x_b mu_W^T + mu_b, x_b^2 (sigma_W^2)^T +
+sigma_b^2)`` (independent units), computed from two matrix products for all draws together plus
+``rows x out`` normals per draw, instead of one product and ``in x out`` normals per draw. Every
+row's predictive distribution is exactly that of whole weight draws; what changes is that two
+rows of one call no longer share that layer's draw (their outputs are independent given the
+other layers' weights), as rows already are under MC dropout. ``prediction_noise="weights"``
+keeps whole weight sets, e.g. for joint draws over rows.
 
 Training noise (:class:`TrainingNoise`). On a CPU, filling one fresh normal per weight per step
 costs as much as a third of a step of the deterministic network (the generator is serial and
@@ -50,13 +61,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayesdl._options import resolve
 from bayesdl._random import MIN_PARALLEL, randn
 from bayesdl.likelihoods import Likelihood
-from bayesdl.posteriors.base import Posterior, prediction_rows, register
-from bayesdl.posteriors.stacked import StackedCall, StackedModule
+from bayesdl.posteriors.base import PREDICTION_SHARE, Posterior, prediction_rows, register
+from bayesdl.posteriors.stacked import LocalLinear, PredictionNoise, StackedCall, StackedModule
 from bayesdl.posteriors.vi_estimators import (
     LOCAL_LAYERS,
     Estimator,
@@ -68,7 +80,7 @@ from bayesdl.posteriors.vi_estimators import (
 from bayesdl.posteriors.vi_estimators import exp as fast_exp
 from bayesdl.priors import GaussianPrior, Prior, prior_from_options
 
-__all__ = ["Estimator", "MeanFieldVI", "TrainingNoise", "VIDiagnostics"]
+__all__ = ["Estimator", "MeanFieldVI", "PredictionNoise", "TrainingNoise", "VIDiagnostics"]
 
 _DEFAULT_CHUNK_ROWS = 2**11
 #: Length of the training-noise pool in units of ``P`` (``training_noise="pooled"``); at least
@@ -148,6 +160,10 @@ class MeanFieldVI(Posterior):
     chunk_size:
         Weight sets sampled at once at prediction (``None``: enough for a parallel draw of the
         noise; they are then applied in chunks of about 2^11 rows, near cache size).
+    prediction_noise:
+        A :class:`PredictionNoise`: ``"local"`` (default; the local reparameterisation trick in
+        the linear layers that take the model's input, exact per row and cheaper) or
+        ``"weights"`` (whole weight sets, shared by the rows of a call).
     """
 
     name = "mean_field_vi"
@@ -168,6 +184,7 @@ class MeanFieldVI(Posterior):
         n_train_samples: int = 1,
         training_noise: TrainingNoise | str = TrainingNoise.POOLED,
         chunk_size: int | None = None,
+        prediction_noise: PredictionNoise | str = PredictionNoise.LOCAL,
     ) -> None:
         super().__init__(model, likelihood)
         self.prior = GaussianPrior(1.0) if prior is None else prior
@@ -199,6 +216,8 @@ class MeanFieldVI(Posterior):
         self.n_train_samples = n_train_samples
         self.training_noise = resolve(TrainingNoise, training_noise, "training_noise")
         self.chunk_size = chunk_size
+        self.prediction_noise = resolve(PredictionNoise, prediction_noise, "prediction_noise")
+        self._local_plans: dict[tuple[int, ...], tuple[tuple[str, str | None], ...]] = {}
         self._epoch = 1
         self._noise: Tensor | None = None
         self._noise_next = 0
@@ -243,6 +262,7 @@ class MeanFieldVI(Posterior):
             "n_train_samples": self.n_train_samples,
             "training_noise": self.training_noise.value,
             "chunk_size": self.chunk_size,
+            "prediction_noise": self.prediction_noise.value,
         }
 
     @classmethod
@@ -518,16 +538,19 @@ class MeanFieldVI(Posterior):
         was_training = self.network.training
         self.network.eval()
         self._stack.train(False)
-        sigma = self.sigma.detach()
-        mu = self.mu.detach()
-        # Draw the noise of several weight sets at once (large draws are filled in parallel,
-        # see bayesdl._random); the stacked call then runs them in cache-sized chunks of rows.
-        chunk = self.chunk_size or max(
-            _DEFAULT_CHUNK_ROWS // prediction_rows(x.shape[0]),
-            -(-MIN_PARALLEL // mu.numel()),
-        )
-        outs = []
         try:
+            local = self._local_layers(x)
+            if local:
+                return self._sample_local(x, n_samples, generator, local)
+            sigma = self.sigma.detach()
+            mu = self.mu.detach()
+            # Draw the noise of several weight sets at once (large draws are filled in parallel,
+            # see bayesdl._random); the stacked call then runs them in cache-sized chunks of rows.
+            chunk = self.chunk_size or max(
+                _DEFAULT_CHUNK_ROWS // prediction_rows(x.shape[0]),
+                -(-MIN_PARALLEL // mu.numel()),
+            )
+            outs = []
             for start in range(0, n_samples, chunk):
                 s = min(chunk, n_samples - start)
                 eps = randn(s, mu.numel(), generator=generator, dtype=mu.dtype, device=mu.device)
@@ -536,6 +559,91 @@ class MeanFieldVI(Posterior):
         finally:
             self.network.train(was_training)
         return torch.cat(outs)
+
+    def _local_layers(self, x: Tensor) -> tuple[tuple[str, str | None], ...]:
+        """``(weight, bias)`` names of the Bayesian linear layers that take the model's input
+        ``x`` and nothing else, each parameter used once (probed once per input shape)."""
+        if self.prediction_noise is not PredictionNoise.LOCAL or x.shape[0] == 0:
+            return ()
+        key = tuple(x.shape[1:])
+        if key not in self._local_plans:
+            bayesian = set(self.bayesian_names)
+            self._local_plans[key] = tuple(
+                (w, b) for w, b in self._stack.shared_input_linears(x) if w in bayesian
+            )
+        return self._local_plans[key]
+
+    def _sample_local(
+        self,
+        x: Tensor,
+        n_samples: int,
+        generator: torch.Generator | None,
+        local: tuple[tuple[str, str | None], ...],
+    ) -> Tensor:
+        """Draws with the local reparameterisation trick in the ``local`` layers (one noise
+        per row, unit and draw) and whole weight sets for the other Bayesian parameters."""
+        mu_views, sigma_views = self._views(self.mu.detach()), self._views(self.sigma.detach())
+        params = dict(self.network.named_parameters())
+        served = {n for pair in local for n in pair if n in mu_views}
+        rest = [n for n in self.bayesian_names if n not in served]
+        mu_rest = torch.cat([mu_views[n].reshape(-1) for n in rest]) if rest else None
+        sigma_rest = torch.cat([sigma_views[n].reshape(-1) for n in rest]) if rest else None
+        n_rest = 0 if mu_rest is None else mu_rest.numel()
+        # Per row of the input: the units of every local layer, times any middle dimensions.
+        units = [params[w].shape[0] * math.prod(x.shape[1:-1]) for w, _ in local]
+        share = PREDICTION_SHARE.get()
+        lo, total = (0, x.shape[0]) if share is None else (share[0], share[2])
+        per_draw = n_rest + total * sum(units)
+        chunk = self.chunk_size or max(_DEFAULT_CHUNK_ROWS // total, -(-MIN_PARALLEL // per_draw))
+        noise: list[Tensor] = []  # this chunk's row noise of each local layer
+        layers = {
+            w: self._local_layer(params, mu_views, sigma_views, w, b, noise, i)
+            for i, (w, b) in enumerate(local)
+        }
+        ref = self.mu
+        outs = []
+        for start in range(0, n_samples, chunk):
+            s = min(chunk, n_samples - start)
+            eps = randn(s, per_draw, generator=generator, dtype=ref.dtype, device=ref.device)
+            rows = eps[:, n_rest:].view(s, total, sum(units)).narrow(1, lo, x.shape[0])
+            noise[:] = [part.reshape(s, *x.shape[:-1], -1) for part in rows.split(units, dim=-1)]
+            views = {n: mu_views[n].expand(s, *mu_views[n].shape) for n in served}
+            if rest:
+                w = torch.addcmul(mu_rest, sigma_rest, eps[:, :n_rest])
+                views.update(
+                    zip(rest, w.split([mu_views[n].numel() for n in rest], dim=1), strict=True)
+                )
+                views.update({n: views[n].view(s, *mu_views[n].shape) for n in rest})
+            outs.append(self._stack(x, tensors=self._stack_tensors(views, s), local=layers))
+        return torch.cat(outs)
+
+    @staticmethod
+    def _local_layer(
+        params: dict[str, Tensor],
+        mu_views: dict[str, Tensor],
+        sigma_views: dict[str, Tensor],
+        weight: str,
+        bias: str | None,
+        noise: list[Tensor],
+        index: int,
+    ) -> LocalLinear:
+        """The outputs of layer ``weight`` under the current chunk's draws ``noise[index]``,
+        ``(s, rows, ..., out)``: means and standard deviations of the pre-activations from the
+        shared input (computed on the first call), plus that noise."""
+        mean_b = var_b = None
+        if bias is not None and bias in mu_views:
+            mean_b, var_b = mu_views[bias], sigma_views[bias].square()
+        elif bias is not None:
+            mean_b = params[bias].detach()
+        moments: list[Tensor] = []
+
+        def layer(x: Tensor, members: slice) -> Tensor:
+            if not moments:  # the model's input: the same tensor for every chunk of the call
+                var = F.linear(x.square(), sigma_views[weight].square(), var_b)
+                moments[:] = [F.linear(x, mu_views[weight], mean_b), var.sqrt_()]
+            return torch.addcmul(moments[0], moments[1], noise[index][members])
+
+        return layer
 
     # ------------------------------------------------------------------ state
     def _extra_state(self) -> dict[str, Tensor]:

@@ -28,12 +28,22 @@ Bernoulli draws on a CPU), and ``F.dropout`` also accepts a tensor ``p`` of per-
 such a tensor (e.g. one that holds the rates of a grid over the dropout rate) trains ``M``
 differently regularised copies as one program; it runs only on the fast path (``F.dropout``
 itself refuses a tensor ``p``, alone or under vmap).
+
+Local layers. A caller may hand the fast path a function per ``nn.Linear`` weight slot
+(``local=``) that computes the layer's outputs for a chunk of members from the layer's input
+when that input is the one shared by every member (``(rows, ..., in)``, not yet member-stacked).
+Sampling methods use it for the local reparameterisation trick on the first layer: its outputs
+under every draw come from one product of the input with the means (and one with the
+variances) plus per-row noise, instead of one product per draw.
+:meth:`StackedModule.shared_input_linears` says which layers see that shared input.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +53,48 @@ from torch.overrides import TorchFunctionMode
 
 from bayesdl.posteriors.mc_dropout import keep_probability, lane_threshold, random_lanes
 
-__all__ = ["StackedCall", "StackedModule", "meta_copy"]
+__all__ = [
+    "LocalLinear",
+    "PredictionNoise",
+    "StackedCall",
+    "StackedModule",
+    "joint_draws",
+    "meta_copy",
+]
+
+#: ``fn(x, members) -> (m, rows, ..., out)``: a linear layer's outputs for the stacked members
+#: ``members`` (a slice of ``range(M)``, ``m`` of them) from the input ``x`` ``(rows, ..., in)``
+#: that all members share.
+LocalLinear = Callable[[Tensor, slice], Tensor]
+
+
+class PredictionNoise(str, Enum):
+    """How a method with Gaussian weights (mean-field VI, IVON, SWAG) draws them at prediction."""
+
+    #: The local reparameterisation trick in the ``nn.Linear`` layers that take the model's
+    #: input (exact per row; rows get independent noise there), whole weight sets elsewhere.
+    LOCAL = "local"
+    #: Whole weight sets everywhere: the rows of one call share each draw.
+    WEIGHTS = "weights"
+
+
+@contextlib.contextmanager
+def joint_draws(posterior) -> Iterator[None]:
+    """Within the block, ``posterior`` (or the posterior a wrapper such as a calibrated one
+    holds) draws whole weight sets if it has a :class:`PredictionNoise`, so that the rows of
+    one call share each draw (Thompson sampling over rows that are actions, joint predictive
+    draws); other methods are left as they are."""
+    while not hasattr(posterior, "prediction_noise") and hasattr(posterior, "posterior"):
+        posterior = posterior.posterior
+    kept = getattr(posterior, "prediction_noise", None)
+    if kept is None:
+        yield
+        return
+    posterior.prediction_noise = PredictionNoise.WEIGHTS
+    try:
+        yield
+    finally:
+        posterior.prediction_noise = kept
 
 
 def meta_copy(module: nn.Module) -> nn.Module:
@@ -150,6 +201,13 @@ _ELEMENTWISE = frozenset(
 )  # fmt: skip
 
 
+def _shared(x: Tensor, m: int) -> Tensor:
+    """``x`` ``(B, ...)`` as the input ``(m, B, ...)`` of ``m`` members: a view with stride 0
+    along the members (also for ``m = 1``, which ``expand`` would give a nonzero stride), by
+    which the fast path recognises an input every member shares."""
+    return x.as_strided((m, *x.shape), (0, *x.stride()), x.storage_offset())
+
+
 class _NoFastPath(RuntimeError):
     """The module called something the stacked fast path cannot batch."""
 
@@ -230,15 +288,41 @@ def _member_mask(
 
 class _StackedMode(TorchFunctionMode):
     """Runs a module on the member-stacked activations of ``members``, a slice of the
-    ``n_members`` stacked members (all of them, or a chunk at prediction)."""
+    ``n_members`` stacked members (all of them, or a chunk at prediction).
 
-    def __init__(self, members: slice, n_members: int) -> None:
+    ``local`` maps ``id`` of a weight tensor of this call to the :data:`LocalLinear` that
+    computes its layer from a shared input; ``calls`` (a probe) collects ``(id(weight),
+    id(bias) or None, shared input)`` of every ``F.linear``."""
+
+    def __init__(
+        self,
+        members: slice,
+        n_members: int,
+        local: Mapping[int, LocalLinear] | None = None,
+        calls: list[tuple[int, int | None, bool]] | None = None,
+    ) -> None:
         super().__init__()
         self.members, self.n_members = members, n_members
+        self.local, self.calls = local, calls
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
+            if self.local or self.calls is not None:
+                x = args[0] if args else kwargs["input"]
+                weight = args[1] if len(args) > 1 else kwargs["weight"]
+                shared = x.ndim >= 3 and x.stride(0) == 0
+                if self.calls is not None:
+                    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                    self.calls.append((id(weight), None if bias is None else id(bias), shared))
+                layer = self.local.get(id(weight)) if self.local else None
+                if layer is not None:
+                    if not shared:
+                        raise RuntimeError(
+                            "a layer computed from its shared input got member-stacked inputs "
+                            "(the module's data flow changed since it was probed)"
+                        )
+                    return layer(x[0], self.members)
             return _stacked_linear(*args, **kwargs)
         if func is F.dropout:
             return _member_dropout(self.members, self.n_members, *args, **kwargs)
@@ -312,13 +396,20 @@ class StackedModule:
         return (*self.params.values(), *self.buffers.values())
 
     def __call__(
-        self, x: Tensor, *, batched_input: bool = False, tensors: tuple[Tensor, ...] | None = None
+        self,
+        x: Tensor,
+        *,
+        batched_input: bool = False,
+        tensors: tuple[Tensor, ...] | None = None,
+        local: Mapping[str, LocalLinear] | None = None,
     ) -> Tensor:
         """Outputs under every parameter set, ``(M, B, ...)``.
 
         ``x`` is ``(B, ...)`` (shared by all members) or, with ``batched_input=True``,
         ``(M, B, ...)`` (one batch per member). ``tensors`` replaces the stored stacked tensors
-        for this call (same order as :attr:`names`, each ``(M, ...)``).
+        for this call (same order as :attr:`names`, each ``(M, ...)``). ``local`` maps weight
+        slot names, among those :meth:`shared_input_linears` returned, to the functions that
+        compute their layers (their slots' tensors are then not read).
         """
         tensors = self.tensors() if tensors is None else tuple(tensors)
         n = tensors[0].shape[0]
@@ -326,10 +417,17 @@ class StackedModule:
         if not torch.is_grad_enabled():
             per = max(1, self.chunk_rows // max(1, x.shape[1 if batched_input else 0]))
             chunk = per if per < n else None
+        if local and not self.fast_path:
+            raise RuntimeError("local layers need the fast path; probe shared_input_linears first")
         if self.fast_path:
             try:
-                return self._fast(tensors, x, batched_input, chunk)
+                return self._fast(tensors, x, batched_input, chunk, local)
             except _NoFastPath:
+                if local:
+                    raise RuntimeError(
+                        "local layers need the fast path, which this module left after it was "
+                        "probed"
+                    ) from None
                 self.fast_path = False
         key = (batched_input, chunk)
         try:
@@ -341,17 +439,55 @@ class StackedModule:
             self._vmapped.clear()
             return self._vmap(key)(tensors, x)
 
+    def shared_input_linears(self, x: Tensor) -> tuple[tuple[str, str | None], ...]:
+        """``(weight, bias or None)`` slot names of the ``F.linear`` calls whose input is the
+        input shared by every member when the module runs on ``x`` ``(B, ...)``, among those
+        whose weight and bias are used by no other call. One member is run on the first row to
+        see (the stored tensors' first member; with the module in eval mode no random numbers
+        are drawn). Empty when the module has no fast path."""
+        if not self.fast_path:
+            return ()
+        first = tuple(t[:1] for t in self.tensors())
+        row = _shared(x[:1], 1)
+        calls: list[tuple[int, int | None, bool]] = []
+        try:
+            with torch.no_grad(), _StackedMode(slice(0, 1), 1, calls=calls):
+                self._call(first, row)
+        except _NoFastPath:
+            self.fast_path = False
+            return ()
+        names = {id(t): name for name, t in zip(self.names, first, strict=True)}
+        uses: dict[int, int] = {}
+        for w, b, _ in calls:
+            for used in (w, b):
+                uses[used] = uses.get(used, 0) + 1
+        return tuple(
+            (names[w], None if b is None else names[b])
+            for w, b, shared in calls
+            if shared
+            and w in names
+            and uses[w] == 1
+            and (b is None or (b in names and uses[b] == 1))
+        )
+
     def _fast(
-        self, tensors: tuple[Tensor, ...], x: Tensor, batched_input: bool, chunk: int | None
+        self,
+        tensors: tuple[Tensor, ...],
+        x: Tensor,
+        batched_input: bool,
+        chunk: int | None,
+        local: Mapping[str, LocalLinear] | None = None,
     ) -> Tensor:
         n = tensors[0].shape[0]
         step = chunk or n
+        slots = [(self.names.index(name), layer) for name, layer in (local or {}).items()]
         outs = []
         for start in range(0, n, step):
             part = tuple(t[start : start + step] for t in tensors) if chunk else tensors
             m = part[0].shape[0]
-            xin = x[start : start + m] if batched_input else x.expand(m, *x.shape)
-            with _StackedMode(slice(start, start + m), n):
+            xin = x[start : start + m] if batched_input else _shared(x, m)
+            layers = {id(part[i]): layer for i, layer in slots} or None
+            with _StackedMode(slice(start, start + m), n, local=layers):
                 outs.append(self._call(part, xin))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 

@@ -56,8 +56,9 @@ from bayesdl._options import is_positive, resolve
 from bayesdl._random import randn
 from bayesdl.data import as_inputs
 from bayesdl.likelihoods import Likelihood
-from bayesdl.posteriors.base import register
+from bayesdl.posteriors.base import PREDICTION_SHARE, register
 from bayesdl.posteriors.deep_ensemble import StackedMembers, _EnsembleObjective
+from bayesdl.posteriors.stacked import LocalLinear, PredictionNoise
 
 __all__ = ["SWAG", "SWAGMoments", "SWASchedule"]
 
@@ -217,8 +218,10 @@ class SWAG(StackedMembers):
         reinitialize: bool | None = None,
         seed: int | None = None,
         bn_batch_size: int = 512,
+        prediction_noise: PredictionNoise | str = PredictionNoise.LOCAL,
     ) -> None:
         _check_int("rank", rank, 1)
+        self.prediction_noise = resolve(PredictionNoise, prediction_noise, "prediction_noise")
         if not is_positive(scale):
             raise ValueError(
                 f"scale must be a positive finite number (usually 0.5), got {scale!r}."
@@ -265,6 +268,7 @@ class SWAG(StackedMembers):
             for key in ("running_mean", "running_var", "num_batches_tracked")
         }
         self._bn_inputs: Tensor | DataLoader | None = None
+        self._local_plans: dict[tuple[int, ...], tuple[tuple[str, str | None], ...]] = {}
         self._next_run: tuple[_Plan, object] | None = None
 
     def options(self) -> dict:
@@ -277,6 +281,7 @@ class SWAG(StackedMembers):
             "swa_schedule": self.swa_schedule.value,
             "cycle_length": self.cycle_length,
             "bn_batch_size": self.bn_batch_size,
+            "prediction_noise": self.prediction_noise.value,
         }
 
     # ----------------------------------------------------------------- properties
@@ -418,6 +423,9 @@ class SWAG(StackedMembers):
             raise ValueError(self._nothing_collected())
         outs = []
         with self._evaluating():
+            local = self._local_layers(x)
+            if local:
+                return self._sample_local(x, per, generator, local)
             for params in self._parameter_draws(per, generator):
                 count = params[0].shape[0] // m
                 buffers = self._draw_buffers(params, count)
@@ -449,6 +457,131 @@ class SWAG(StackedMembers):
                     block.baddbmm_(z2, dev[..., lo:hi])
                 params.append(block.view(m * c, *shape))
             yield tuple(params)
+
+    def _local_layers(self, x: Tensor) -> tuple[tuple[str, str | None], ...]:
+        """``(weight, bias)`` names of the linear layers that take the model's input alone (see
+        :class:`~bayesdl.posteriors.stacked.PredictionNoise`; probed once per input shape)."""
+        if (
+            self.prediction_noise is not PredictionNoise.LOCAL
+            or self.has_batchnorm
+            or x.shape[0] == 0
+        ):
+            return ()
+        key = tuple(x.shape[1:])
+        if key not in self._local_plans:
+            self._local_plans[key] = self._stack.shared_input_linears(x)
+        return self._local_plans[key]
+
+    def _sample_local(
+        self,
+        x: Tensor,
+        per_member: int,
+        generator: torch.Generator | None,
+        local: tuple[tuple[str, str | None], ...],
+    ) -> Tensor:
+        """Draws with the local reparameterisation trick in the ``local`` layers.
+
+        A layer's pre-activations under a draw of member ``j`` with low-rank coefficients
+        ``z2`` are ``x mean_j^T + sum_k z2_k (x D_jk^T) + N(0, x^2 (std_j^2)^T)`` per row: the
+        products with the mean, each deviation and the variance are taken once for all
+        draws; per draw only ``K`` coefficients and ``rows x out`` normals are new."""
+        moments = self.moments
+        m, k, _ = moments.deviations.shape
+        std = moments.variance.sqrt_().mul_(math.sqrt(self.scale / 2))
+        dev = moments.deviations.mul_(math.sqrt(self.scale / (2 * (k - 1)))) if k > 1 else None
+        where = {name: (lo, hi, shape) for name, lo, hi, shape in self._layout}
+        served = {n for pair in local for n in pair if n is not None}
+        rest = [(name, lo, hi, shape) for name, lo, hi, shape in self._layout if name not in served]
+        index = torch.cat(
+            [torch.arange(lo, hi, device=self.device) for _, lo, hi, _ in rest]
+            or [torch.zeros(0, dtype=torch.long, device=self.device)]
+        )
+        mean_rest, std_rest = moments.mean[:, index], std[:, index]
+        dev_rest = None if dev is None else dev[..., index]
+        n_rest = index.numel()
+        flat = x.reshape(-1, x.shape[-1])  # the layer's rows: x's leading dimensions
+        units = [flat.shape[0] // x.shape[0] * where[w][2][0] for w, _ in local]
+        share = PREDICTION_SHARE.get()
+        lo_row, total = (0, x.shape[0]) if share is None else (share[0], share[2])
+        per_draw = n_rest + total * sum(units)
+        chunk = max(1, _DRAW_BUDGET // (m * per_draw))
+        state: dict = {}
+        layers = {
+            w: self._local_layer(where, moments.mean, std, dev, w, b, state, i)
+            for i, (w, b) in enumerate(local)
+        }
+        like = {"dtype": self.dtype, "device": self.device, "generator": generator}
+        outs = []
+        for first in range(0, per_member, chunk):
+            c = min(chunk, per_member - first)
+            z1 = randn(m, c, per_draw, **like)
+            z2 = None if dev is None else randn(m, c, k, **like)
+            rows = z1[..., n_rest:].view(m, c, total, sum(units)).narrow(2, lo_row, x.shape[0])
+            state.update(noise=rows.split(units, dim=-1), z2=z2, outputs={})
+            block = torch.addcmul(mean_rest[:, None], std_rest[:, None], z1[..., :n_rest])
+            if dev_rest is not None:
+                block.baddbmm_(z2, dev_rest)
+            pieces = iter(block.split([hi - lo for _, lo, hi, _ in rest], dim=-1))
+            params = []
+            for name, lo, hi, shape in self._layout:
+                if name in served:  # not read: the layer is computed from its moments
+                    params.append(moments.mean[:1, lo:hi].view(1, *shape).expand(m * c, *shape))
+                else:
+                    params.append(next(pieces).reshape(m * c, *shape))
+            buffers = self._draw_buffers(tuple(params), c)
+            out = self._stack(x, tensors=(*params, *buffers), local=layers)
+            outs.append(out.reshape(m, c, *out.shape[1:]))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        return out.reshape(m * per_member, *out.shape[2:])
+
+    @staticmethod
+    def _local_layer(
+        where: dict,
+        mean: Tensor,
+        std: Tensor,
+        dev: Tensor | None,
+        weight: str,
+        bias: str | None,
+        state: dict,
+        index: int,
+    ) -> LocalLinear:
+        """Layer ``weight``'s outputs for the current chunk (``state``: its row noise, low-rank
+        coefficients and computed outputs), ``(M * c, rows, ..., out)`` sliced to ``members``."""
+        moments: list[Tensor] = []
+
+        def part(flat: Tensor, name: str | None) -> Tensor | None:
+            if name is None:
+                return None
+            lo, hi, shape = where[name]
+            return flat[..., lo:hi].reshape(*flat.shape[:-1], *shape)
+
+        def layer(x: Tensor, members: slice) -> Tensor:
+            if index not in state["outputs"]:
+                if not moments:  # the model's input: the same for every chunk of the call
+                    m, flat = mean.shape[0], x.reshape(-1, x.shape[-1])  # (N, in)
+                    w_mean, w_std = part(mean, weight), part(std, weight)  # (M, out, in)
+                    out_mean = torch.matmul(flat, w_mean.transpose(1, 2))  # (M, N, out)
+                    var = torch.matmul(flat.square(), w_std.square().transpose(1, 2))
+                    if bias is not None:
+                        out_mean += part(mean, bias)[:, None]
+                        var += part(std, bias).square()[:, None]
+                    moments[:] = [out_mean.view(m, 1, -1), var.sqrt_().view(m, 1, -1)]
+                    if dev is not None:  # (M, K, N * out)
+                        k, (n_out, n_in) = dev.shape[1], w_mean.shape[1:]
+                        w_dev = part(dev, weight).reshape(m * k, n_out, n_in)
+                        lowrank = torch.matmul(flat, w_dev.transpose(1, 2))
+                        if bias is not None:
+                            lowrank += part(dev, bias).reshape(m * k, 1, n_out)
+                        moments.append(lowrank.view(m, k, -1))
+                noise = state["noise"][index]  # (M, c, rows, ...)
+                m, c = noise.shape[:2]
+                out = torch.addcmul(moments[0], moments[1], noise.reshape(m, c, -1))
+                if len(moments) == 3:
+                    out.baddbmm_(state["z2"], moments[2])
+                state["outputs"][index] = out.view(m * c, *x.shape[:-1], -1)
+            return state["outputs"][index][members]
+
+        return layer
 
     def _draw_buffers(self, params: tuple[Tensor, ...], count: int) -> list[Tensor]:
         """Buffers for ``M * count`` draws: the member's, BatchNorm statistics recomputed."""
