@@ -124,8 +124,11 @@ BUILD: dict[str, dict] = {"ivon": {"beta2": 0.999, "hess_init": 1.0, "clip_radiu
 #: What a fit that diverges (``TrainingDivergedError``: a NaN or infinite loss) does to a run.
 #: A grid candidate that diverges is not chosen (its validation log-likelihood is NaN). A refit
 #: that diverges after at least one good epoch is scored with the weights of its last good
-#: epoch, which the fit loop restores; one that diverges in its first epoch stops the run. Every
-#: such event is recorded in the split's selection (``"diverged"``) and counted in the table.
+#: epoch, which the fit loop restores; one that diverges in its first epoch stops the run. A
+#: sampler's refit that diverges before it kept a sample leaves no posterior: the split has no
+#: score (NaN), and the method's mean and standard error are over the splits with one, the table
+#: saying how many of how many. Every such event is recorded in the split's selection
+#: (``"diverged"``) and listed in the table.
 DIVERGENCE = "recorded"
 #: Methods whose grid over the prior precision trains as one stacked program: every candidate
 #: becomes a group of members of one ensemble with its own weight decay
@@ -406,7 +409,14 @@ def run_method(
                 )
             if key is not None:
                 _POINT_FITS[key] = copy.deepcopy(post.model.state_dict())
-        outputs = post.sample_outputs(x_test, generator=_predict_generator())
+        try:
+            outputs = post.sample_outputs(x_test, generator=_predict_generator())
+        except ValueError:  # a sampler's refit diverged before it kept a sample: no posterior
+            if not diverged or diverged[-1]["fit"] != "refit":
+                raise
+            diverged[-1]["no_posterior"] = True
+            failed = {"candidate": k, "epochs": refit_epochs, "diverged": diverged}
+            return Scores(float("nan"), float("nan")), failed
     unscaled = score(post.likelihood.predictive(outputs), split.y_test, scaler)
     if best.scale != 1.0:
         outputs = _rescaled(outputs, best.scale, post.likelihood)
@@ -626,9 +636,11 @@ class Result:
 
     @staticmethod
     def _mean_se(values: list[float]) -> list[float]:
+        """Mean and standard error over the splits with a score (see :data:`DIVERGENCE`)."""
         t = torch.tensor(values, dtype=torch.float64)
+        t = t[torch.isfinite(t)]
         se = float(t.std() / math.sqrt(len(t))) if len(t) > 1 else 0.0
-        return [float(t.mean()), se]
+        return [float(t.mean()) if len(t) else float("nan"), se]
 
     def summary(self) -> dict:
         return {
@@ -636,6 +648,7 @@ class Result:
             "ll": self._mean_se(self.ll),
             "seconds": round(self.seconds, 2),
             "n_splits": len(self.rmse),
+            "n_scored": sum(math.isfinite(v) for v in self.ll),
             "per_split": {"rmse": self.rmse, "ll": self.ll, "selection": self.selection},
         }
 
@@ -717,7 +730,13 @@ def write_markdown(results: dict, reference: dict | None, path: Path) -> None:
                 cells.append((pub[m][0], _fmt(pub[m], 2)) if m in pub else None)
             for m in ours:
                 r = datasets[name].get(m)
-                cells.append((r[metric][0], _fmt(r[metric], digits)) if r else None)
+                if r is None:
+                    cells.append(None)
+                    continue
+                text = _fmt(r[metric], digits)
+                if r.get("n_scored", r["n_splits"]) < r["n_splits"]:
+                    text += f" ({r['n_scored']} of {r['n_splits']} splits)"
+                cells.append((r[metric][0], text))
             finite = [c[0] for c in cells if c is not None and math.isfinite(c[0])]
             best = (max if higher else min)(finite) if finite else None
             row = [name]
@@ -764,6 +783,9 @@ def write_markdown(results: dict, reference: dict | None, path: Path) -> None:
                 if refit:
                     epochs = ", ".join(f"{e['epoch']} (kept {e['last_good_epoch']})" for e in refit)
                     text += f"; {len(refit)} refit(s) diverged at epoch {epochs}"
+                    lost = sum(e.get("no_posterior", False) for e in refit)
+                    if lost:
+                        text += f"; {lost} of them before the first sample (no score)"
                 events.append(text)
     if events:
         lines += ["## Diverged fits", "", *events, ""]

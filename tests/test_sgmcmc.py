@@ -118,6 +118,28 @@ def test_the_ring_keeps_the_last_samples():
     torch.testing.assert_close(post._params["model.weight"][0], post.model.weight)
 
 
+def test_a_diverging_chain_keeps_the_samples_of_its_last_good_epoch(monkeypatch):
+    """Samples are kept every step; when a step size blows the chain up in epoch 4, the fit
+    restores the weights, the ring and the count of the end of epoch 3, so the posterior
+    predicts from finite samples only."""
+    x, y = _problem()
+    model, likelihood = _linear_model()
+    post = bdl.SGMCMC(model, likelihood, sampler="sgld", n_kept=5, thin=1, burn_in=0.0)
+    rate = _Plan.rate
+    steps_per_epoch = 2  # batch 25 of 50 rows
+    monkeypatch.setattr(
+        _Plan, "rate", lambda self, step: 1e200 if step >= 3 * steps_per_epoch else rate(self, step)
+    )
+    with pytest.raises(bdl.TrainingDivergedError) as err:
+        post.fit((x, y), epochs=6, batch_size=25, lr=0.01, seed=0)
+    assert err.value.last_good_epoch == 3
+    assert int(post._n) == 3 * steps_per_epoch and post.n_collected == 5
+    ring = post._params["model.weight"].detach()
+    assert torch.isfinite(ring).all()
+    torch.testing.assert_close(ring[(int(post._n) - 1) % 5], post.model.weight.detach())
+    assert torch.isfinite(post.sample_outputs(x)).all()
+
+
 def test_options_and_errors():
     x, y = _problem()
     model, likelihood = _linear_model()

@@ -552,3 +552,33 @@ def test_diverged_fits_are_not_chosen_and_are_recorded(tmp_path, monkeypatch):
     last_good = 0
     with pytest.raises(bdl.TrainingDivergedError):
         uci.run_method("ivon", split, n_hidden=8, n_epochs=5)
+
+
+def test_a_sampler_refit_that_diverges_before_its_first_sample_has_no_score(tmp_path, monkeypatch):
+    """SG-MCMC keeps no sample before its burn-in: a refit that diverges there leaves nothing
+    to predict with. The split gets no score (NaN, recorded), and the summary averages the
+    splits that have one and says how many."""
+    write_uci(tmp_path / "toy", n_rows=60, n_splits=1)
+    split = bdl.data.load_uci(tmp_path / "toy").split(0)
+    fit = uci._fit
+
+    def diverging(post, method, x, y, candidate, epochs, seed, val=None):
+        if val is None:  # the refit: diverges in epoch 2, before any sample
+            raise bdl.TrainingDivergedError(2, 1)
+        return fit(post, method, x, y, candidate, epochs, seed, val=val)
+
+    monkeypatch.setattr(uci, "_fit", diverging)
+    scores, selection = uci.run_method("sgmcmc", split, n_hidden=8, n_epochs=60)
+    assert math.isnan(scores.ll) and math.isnan(scores.rmse)
+    assert selection["diverged"][-1] == {
+        "fit": "refit", "epoch": 2, "last_good_epoch": 1, "no_posterior": True
+    }  # fmt: skip
+    result = uci.Result(rmse=[scores.rmse, 1.0, 3.0], ll=[scores.ll, -1.0, -2.0])
+    result.selection = [selection, {}, {}]
+    summary = result.summary()
+    assert summary["n_scored"] == 2 and summary["n_splits"] == 3
+    assert summary["ll"][0] == pytest.approx(-1.5) and summary["rmse"][0] == pytest.approx(2.0)
+    uci.write_markdown({"datasets": {"toy": {"sgmcmc": summary}}}, None, tmp_path / "t.md")
+    text = (tmp_path / "t.md").read_text()
+    assert "-1.500 ± 0.500 (2 of 3 splits)" in text
+    assert "1 of them before the first sample (no score)" in text

@@ -131,6 +131,34 @@ class _ChainObjective(NetworkObjective):
         self.post, self.plan = post, plan
         self.step = 0
         self.optimizer: _Langevin | None = None
+        #: The ring of samples and its count after each of the last epochs (0: the start), so
+        #: that a divergence restores the samples of the epoch whose weights the loop restores
+        #: (a sample is kept every few steps: a diverging epoch may have kept bad ones).
+        self.kept: dict[int, tuple[list[Tensor], int]] = {0: self._ring()}
+
+    def _ring(self) -> tuple[list[Tensor], int]:
+        post = self.post
+        tensors = [t.detach().clone() for t in (*post._params.values(), *post._buffers.values())]
+        return tensors, int(post._n)
+
+    def end_epoch(self, epoch: int, optimizer) -> None:
+        """After an epoch whose weights the loop found finite: its samples are good."""
+        self.kept[epoch] = self._ring()
+        for old in [e for e in self.kept if e < epoch - 2]:
+            del self.kept[old]
+
+    def restore(self, epoch: int) -> None:
+        """Put back the samples kept up to the end of ``epoch``, where there are any."""
+        if epoch not in self.kept:
+            return
+        tensors, n = self.kept[epoch]
+        post = self.post
+        with torch.no_grad():
+            for t, saved in zip(
+                (*post._params.values(), *post._buffers.values()), tensors, strict=True
+            ):
+                t.copy_(saved)
+        post._n.fill_(n)
 
     def loss(self, x: Tensor, y: Tensor, n_data: int) -> Tensor:
         if self.optimizer is not None:
@@ -268,6 +296,7 @@ class SGMCMC(StackedMembers):
         )
         self._n = torch.zeros((), dtype=torch.long, device=self.device)
         self._next = None
+        self._chain: _ChainObjective | None = None  # while fit runs
 
     def options(self) -> dict:
         return {
@@ -361,11 +390,16 @@ class SGMCMC(StackedMembers):
         self._n.zero_()
         try:
             return super().fit(data, val_data=val_data, **training_options)
+        except training.TrainingDivergedError as err:  # the samples of the restored epoch
+            if self._chain is not None:
+                self._chain.restore(err.last_good_epoch)
+            raise
         finally:
-            self._next = None
+            self._next, self._chain = None, None
 
     def _objective(self) -> _ChainObjective:
-        return _ChainObjective(self, self._next)
+        self._chain = _ChainObjective(self, self._next)
+        return self._chain
 
     def _member_shard(self, group):
         return Posterior._member_shard(self, group)  # one chain: nothing to spread
