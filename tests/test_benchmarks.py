@@ -125,3 +125,23 @@ def test_method_without_builder_is_skipped_with_a_note(monkeypatch):
     assert "mlp_predict_s100_deep_ensemble" not in cases
     assert "mlp_predict_s100_mc_dropout" in cases
     assert any("deep_ensemble" in note and "skipped" in note for note in notes)
+
+
+def test_epoch_parts_add_up_to_the_epoch():
+    """``python -m benchmarks.epoch_parts --quick --json``: for the plain and the IVON epoch,
+    the timed parts are positive and add up to the total."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.epoch_parts", "--quick", "--json", "--epochs", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    result = json.loads(proc.stdout)
+    assert result["quick"] is True
+    for kind in ("plain", "ivon"):
+        ms = result["ms_per_epoch"][kind]
+        assert all(ms[k] > 0 for k in ("backward", "step", "forward_and_loop", "total"))
+        parts = ms["backward"] + ms["step"] + ms["forward_and_loop"]
+        assert parts == pytest.approx(ms["total"], abs=0.05)

@@ -54,7 +54,7 @@ class _IVONStep(torch.optim.Optimizer):
                     _adam(p, self.state[p], group["lr"])
 
     def _ivon(self, group: dict) -> None:
-        """The update in about fifteen passes over the weights (``sigma`` and ``h + delta`` are
+        """The update in about a dozen passes over the weights (``sigma`` and ``h + delta`` are
         kept between steps; ``log_std`` is written at the end of each epoch)."""
         ivon = self.ivon
         lr, b1, b2 = group["lr"], group["beta1"], group["beta2"]
@@ -72,8 +72,8 @@ class _IVONStep(torch.optim.Optimizer):
         denom = ivon._denom  # h + delta of the step's draw
         h_hat = torch.mul(m.grad, ivon._last_noise).div_(ivon._sigma)
         g_bar.lerp_(m.grad, 1 - b1)
-        correction = torch.sub(h, h_hat).square_().div_(denom).mul_(0.5 * (1 - b2) ** 2)
-        h.lerp_(h_hat, 1 - b2).add_(correction)
+        gap = torch.sub(h, h_hat).square_()  # the correction (h - h_hat)^2 / (h + delta)
+        h.lerp_(h_hat, 1 - b2).addcdiv_(gap, denom, value=0.5 * (1 - b2) ** 2)
         torch.add(h, delta, out=denom)
         bias = 1 - b1 ** float(state["step"])
         update = torch.add(g_bar, m, alpha=delta * bias)  # (g_bar / bias + delta m) * bias
