@@ -446,3 +446,22 @@ def test_predicting_before_any_iterate_was_collected():
 
 def test_registered():
     assert bdl.get_posterior("swag") is bdl.SWAG
+
+
+def test_local_draws_with_middle_dimensions_match_flat_rows(recorded):
+    """Inputs ``(B, T, in)`` (a linear layer applied per position): each position's outputs
+    have the distribution of the same row given flat, ``(B * T, in)`` (MultiSWAG, 2 members)."""
+    torch.manual_seed(0)
+    x_train, y_train = _data()
+    post = SWAG(_net().double(), "gaussian", rank=4, swa_start=1, scale=3.0, n_members=2, seed=0)
+    post.fit((x_train, y_train), epochs=6, batch_size=16, lr=5e-2, optimizer="sgd", seed=1)
+    x = _data(6, seed=3)[0].reshape(3, 2, 2)  # 3 rows of 2 positions
+    assert post._local_layers(x) == (("model.0.weight", "model.0.bias"),)
+    n = 20_000
+    with torch.no_grad():  # the internal draw: the input-shape check wants (B, 2)
+        a = post._sample_outputs(x, n, torch.Generator().manual_seed(0)).reshape(2, n // 2, 6, 2)
+    b = post.sample_outputs(x.reshape(6, 2), n, generator=torch.Generator().manual_seed(1))
+    b = b.reshape(2, n // 2, 6, 2)
+    se = (a.var(1) / (n // 2) + b.var(1) / (n // 2)).sqrt()
+    assert ((a.mean(1) - b.mean(1)).abs() / se).max() < 4.5
+    torch.testing.assert_close(a.std(1) / b.std(1), torch.ones_like(se), rtol=0, atol=0.05)
