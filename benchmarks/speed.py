@@ -18,6 +18,9 @@ Cases
 ``ensemble_train_small``
     ``DeepEnsemble`` (5 members of a 13-50-2 Gaussian net) ``fit`` on 455 synthetic points,
     batch 32, 40 epochs, against ``Deterministic.fit`` of one member with the same settings.
+``ensemble_train_small_homoscedastic``
+    The same with the homoscedastic Gaussian likelihood (one noise variance per member, a
+    13-50-1 net); also timed with the stacked fast path off (``extra_ratios``).
 ``mc_dropout_predict_10k``
     ``MCDropout.sample_outputs`` with 10,000 draws on 51 inputs of a 13-50-2 dropout net, against
     a Python loop of 10,000 forward passes with dropout active.
@@ -192,6 +195,45 @@ def case_ensemble_train_small(quick: bool, device: torch.device) -> tuple[Timed,
         "batch_size": 32,
     }
     return method, baseline, info
+
+
+def case_ensemble_train_small_homoscedastic(
+    quick: bool, device: torch.device
+) -> tuple[Timed, Timed, dict]:
+    """``ensemble_train_small`` with one noise variance per member (the homoscedastic
+    Gaussian, a 13-50-1 net): the members run on the stacked fast path and the likelihood's
+    link under vmap. Also timed: the same ensemble with the fast path off (all of it under
+    vmap, the route such a likelihood took before)."""
+    n_points, epochs, n_members = (64, 2, 5) if quick else (455, 40, 5)
+    x, y = (t.to(device) for t in _regression_data(n_points))
+    settings = dict(epochs=epochs, batch_size=32, lr=1e-3, seed=SEED, progress=False)
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Linear(13, 50), nn.ReLU(), nn.Linear(50, 1))
+
+    def ensemble(fast: bool) -> None:
+        post = bdl.DeepEnsemble(
+            _seeded(SEED, net).to(device), "homoscedastic_gaussian", n_members=n_members, seed=SEED
+        )
+        post._stack.fast_path = fast
+        post.fit((x, y), **settings)
+
+    def baseline() -> None:
+        plain = bdl.Deterministic(_seeded(SEED, net).to(device), "homoscedastic_gaussian")
+        plain.fit((x, y), **settings)
+
+    info = {
+        "target": 1.5,
+        "baseline": "Deterministic.fit of one member (same net, likelihood, data and settings)",
+        "n_members": n_members,
+        "n_points": n_points,
+        "epochs": epochs,
+        "batch_size": 32,
+        "extra_baselines": {
+            "vmap_route": (lambda: ensemble(False), "the same ensemble with the fast path off")
+        },
+    }
+    return (lambda: ensemble(True)), baseline, info
 
 
 def case_mc_dropout_predict_10k(quick: bool, device: torch.device) -> tuple[Timed, Timed, dict]:
@@ -568,6 +610,7 @@ def all_cases() -> tuple[dict[str, CaseBuilder], list[str]]:
     """Every case by name (the S-draw case once per registered method), and skip notes."""
     cases: dict[str, CaseBuilder] = {
         "ensemble_train_small": case_ensemble_train_small,
+        "ensemble_train_small_homoscedastic": case_ensemble_train_small_homoscedastic,
         "mc_dropout_predict_10k": case_mc_dropout_predict_10k,
         "vi_train_epoch_mlp": case_vi_train_epoch_mlp,
         "ivon_train_epoch_mlp": case_ivon_train_epoch_mlp,

@@ -628,3 +628,30 @@ def test_prediction_noise_is_an_option_that_round_trips(tmp_path):
     assert bdl.load(path, nn.Linear(2, 2)).prediction_noise.value == "weights"
     with pytest.raises(ValueError, match="prediction_noise"):
         bdl.MeanFieldVI(nn.Linear(2, 2), "categorical", prediction_noise="rows")
+
+
+def test_local_draws_with_a_likelihood_that_has_tensors_of_its_own():
+    """The homoscedastic Gaussian's noise variance does not keep the network off the stacked
+    fast path: the first layer is local, and each row's outputs match whole weight draws."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+    def post(noise):
+        likelihood = bdl.HomoscedasticGaussian(init_variance=0.3).double()
+        vi = bdl.MeanFieldVI(net, likelihood, init_std=0.3, prediction_noise=noise)
+        with torch.no_grad():
+            vi.log_std.uniform_(-2.5, -0.5, generator=torch.Generator().manual_seed(3))
+        return vi
+
+    local, weights = post("local"), post("weights")
+    x = torch.randn(4, 3, dtype=f64)
+    assert local._local_layers(x) == (("model.0.weight", "model.0.bias"),)
+    n = 20_000
+    a = local.sample_outputs(x, n, generator=torch.Generator().manual_seed(1))
+    b = weights.sample_outputs(x, n, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a[..., 1], torch.full_like(a[..., 1], math.log(0.3)))
+    se = (a[..., 0].var(0) / n + b[..., 0].var(0) / n).sqrt()
+    assert ((a[..., 0].mean(0) - b[..., 0].mean(0)).abs() / se).max() < 4.5
+    torch.testing.assert_close(
+        a[..., 0].std(0) / b[..., 0].std(0), torch.ones(4, dtype=f64), rtol=0, atol=0.04
+    )

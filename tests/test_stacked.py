@@ -38,6 +38,16 @@ def _member_outputs(copies, x, batched):
     return torch.stack([c(x[i] if batched else x) for i, c in enumerate(copies)])
 
 
+def _assert_member_gradients(stack, copies, x, batched, out):
+    """The gradients of a summed loss reach each member's slice of the stacked parameters."""
+    (out**2).sum().backward()
+    for i, c in enumerate(copies):
+        c.zero_grad()
+        (c(x[i] if batched else x) ** 2).sum().backward()
+        for name, p in c.named_parameters():
+            torch.testing.assert_close(stack.params[name].grad[i], p.grad, msg=name)
+
+
 @pytest.mark.parametrize("make", [_mlp, _conv], ids=["mlp-fast-path", "conv-vmap"])
 @pytest.mark.parametrize("batched", [False, True])
 def test_outputs_and_gradients_equal_each_members_own(make, batched):
@@ -48,13 +58,38 @@ def test_outputs_and_gradients_equal_each_members_own(make, batched):
     out = stack(x, batched_input=batched)
     assert stack.fast_path is (make is _mlp)
     torch.testing.assert_close(out, _member_outputs(copies, x, batched))
-    # gradients of a summed loss reach each member's slice of the stacked parameters
-    (out**2).sum().backward()
-    for i, c in enumerate(copies):
-        c.zero_grad()
-        (c(x[i] if batched else x) ** 2).sum().backward()
-        for name, p in c.named_parameters():
-            torch.testing.assert_close(stack.params[name].grad[i], p.grad, msg=name)
+    _assert_member_gradients(stack, copies, x, batched, out)
+
+
+def _homoscedastic_network():
+    likelihood = bdl.HomoscedasticGaussian(init_variance=0.5)
+    return bdl.posteriors.Network(
+        nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)), likelihood
+    )
+
+
+@pytest.mark.parametrize("link", ["stacked_forward", "vmap"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_likelihood_with_tensors_of_its_own_stays_on_the_fast_path(batched, link, monkeypatch):
+    """The homoscedastic Gaussian's noise is a tensor per member: the model runs on the fast
+    path and the link on all members at once (the likelihood's ``stacked_forward``, or, for a
+    likelihood without one, its forward under vmap). Outputs and gradients (the noise's
+    included) equal each member's own, and chunked prediction equals one pass."""
+    if link == "vmap":
+        monkeypatch.delattr(bdl.HomoscedasticGaussian, "stacked_forward")
+    copies = _copies(_homoscedastic_network)
+    with torch.no_grad():
+        for i, c in enumerate(copies):
+            c.likelihood.log_variance.fill_(-1.0 + i)  # a different noise per member
+    stack = StackedModule.from_copies(copies)
+    x = torch.randn(4, 5, 3, dtype=f64) if batched else torch.randn(5, 3, dtype=f64)
+    out = stack(x, batched_input=batched)
+    assert stack.fast_path and out.shape == (4, 5, 2)
+    torch.testing.assert_close(out, _member_outputs(copies, x, batched))
+    _assert_member_gradients(stack, copies, x, batched, out)
+    stack.chunk_rows = 10  # two members per chunk at 5 rows
+    with torch.no_grad():
+        torch.testing.assert_close(stack(x, batched_input=batched), out.detach())
 
 
 def test_prediction_chunks_match_one_pass():

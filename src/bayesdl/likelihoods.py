@@ -314,6 +314,18 @@ class HomoscedasticGaussian(_GaussianBase):
         log_var = self.log_variance.to(outputs.dtype).expand(*outputs.shape[:-1], -1)
         return torch.cat([outputs, log_var], dim=-1)
 
+    def stacked_forward(self, outputs: Tensor, tensors: dict[str, Tensor]) -> Tensor:
+        """:meth:`forward` of ``M`` stacked members at once: ``outputs`` ``(M, B, ...,
+        n_targets)`` and ``tensors["log_variance"]`` ``(M, n_targets)``, one per member."""
+        if outputs.ndim < 3 or outputs.shape[-1] != self.n_targets:
+            raise ValueError(
+                f"HomoscedasticGaussian expects network outputs of shape (B, {self.n_targets}) "
+                f"(one mean per target), but the network returned {tuple(outputs.shape[1:])}."
+            )
+        log_var = tensors["log_variance"].to(outputs.dtype)
+        log_var = log_var.view(len(log_var), *[1] * (outputs.ndim - 2), -1)
+        return torch.cat([outputs, log_var.expand(*outputs.shape[:-1], -1)], dim=-1)
+
 
 class LikelihoodName(str, Enum):
     """Likelihoods that can be named by a string."""

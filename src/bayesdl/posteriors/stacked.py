@@ -173,14 +173,16 @@ class StackedCall:
                 target = reference.get_buffer(name)
             self.slots.append(owners[id(target)])
 
-    def __call__(self, tensors: tuple[Tensor, ...], *args: Tensor) -> Tensor:
+    def __call__(self, tensors: tuple[Tensor, ...], *args: Tensor, run=None) -> Tensor:
+        """``module(*args)`` (or ``run(*args)``, e.g. one of its submodules) with ``tensors``
+        in the slots."""
         saved = []
         try:
             for slots, tensor in zip(self.slots, tensors, strict=True):
                 for store, key in slots:
                     saved.append((store, key, store[key]))
                     store[key] = tensor
-            return self.module(*args)
+            return (self.module if run is None else run)(*args)
         finally:
             for store, key, value in reversed(saved):
                 store[key] = value
@@ -368,6 +370,17 @@ class StackedModule:
         self.fast_path = True  # until the module calls something the fast path cannot serve
         self._randomness = "error"
         self._vmapped: dict[tuple, Callable] = {}
+        # A network ``likelihood(model(x))`` whose likelihood has tensors of its own (the
+        # homoscedastic Gaussian's noise): the fast path runs the model, then the likelihood's
+        # link for all members (its ``stacked_forward``, or its forward under vmap), since the
+        # link mixes the members' tensors with the outputs.
+        self._link = [
+            (i, name.removeprefix("likelihood."))
+            for i, name in enumerate(self.names)
+            if name.startswith("likelihood.")
+        ]
+        if self._link and not (hasattr(self.base, "model") and hasattr(self.base, "likelihood")):
+            self._link = []
 
     @classmethod
     def from_copies(cls, copies: list[nn.Module], **options) -> StackedModule:
@@ -450,9 +463,10 @@ class StackedModule:
         first = tuple(t[:1] for t in self.tensors())
         row = _shared(x[:1], 1)
         calls: list[tuple[int, int | None, bool]] = []
+        run = self.base.model if self._link else None
         try:
             with torch.no_grad(), _StackedMode(slice(0, 1), 1, calls=calls):
-                self._call(first, row)
+                self._call(first, row, run=run)
         except _NoFastPath:
             self.fast_path = False
             return ()
@@ -488,8 +502,28 @@ class StackedModule:
             xin = x[start : start + m] if batched_input else _shared(x, m)
             layers = {id(part[i]): layer for i, layer in slots} or None
             with _StackedMode(slice(start, start + m), n, local=layers):
-                outs.append(self._call(part, xin))
+                if not self._link:
+                    outs.append(self._call(part, xin))
+                    continue
+                raw = self._call(part, xin, run=self.base.model)
+            outs.append(self._apply_link(part, raw))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _apply_link(self, part: tuple[Tensor, ...], raw: Tensor) -> Tensor:
+        """The likelihood's link on member-stacked outputs ``(m, B, ...)``, each member with
+        its own likelihood tensors."""
+        likelihood = self.base.likelihood
+        names = [name for _, name in self._link]
+        stacked = getattr(likelihood, "stacked_forward", None)
+        if stacked is not None:  # the likelihood's own batched link
+            return stacked(raw, {name: part[i] for i, name in self._link})
+
+        def link(tensors: tuple[Tensor, ...], out: Tensor) -> Tensor:
+            return torch.func.functional_call(
+                likelihood, dict(zip(names, tensors, strict=True)), (out,)
+            )
+
+        return vmap(link)(tuple(part[i] for i, _ in self._link), raw)
 
     def _vmap(self, key: tuple) -> Callable:
         if key not in self._vmapped:
