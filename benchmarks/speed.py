@@ -74,6 +74,7 @@ import torch
 from torch import Tensor, nn
 
 import bayesdl as bdl
+from bayesdl.posteriors.stacked import joint_draws
 
 __all__ = ["all_cases", "main", "time_pair"]
 
@@ -563,13 +564,8 @@ def _whole_weight_draws(post: bdl.Posterior, x: Tensor, n: int, generator) -> Ti
     """``post.sample_outputs`` with whole weight sets in every layer."""
 
     def run() -> Tensor:
-        kept = post.prediction_noise
-        post.prediction_noise = type(kept)("weights")
-        try:
-            with torch.no_grad():
-                return post.sample_outputs(x, n, generator=generator)
-        finally:
-            post.prediction_noise = kept
+        with torch.no_grad(), joint_draws(post):
+            return post.sample_outputs(x, n, generator=generator)
 
     return run
 

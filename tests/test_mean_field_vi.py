@@ -655,3 +655,28 @@ def test_local_draws_with_a_likelihood_that_has_tensors_of_its_own():
     torch.testing.assert_close(
         a[..., 0].std(0) / b[..., 0].std(0), torch.ones(4, dtype=f64), rtol=0, atol=0.04
     )
+
+
+def test_joint_draws_hold_in_their_block_and_thread_only():
+    """``joint_draws`` gives whole weight draws inside its block, in the thread that opened it,
+    without changing the posterior's option."""
+    import threading
+
+    from bayesdl.posteriors.stacked import joint_draws
+
+    torch.manual_seed(0)
+    post = _spread_vi(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double())
+    x = torch.randn(1, 3, dtype=f64).expand(2, 3)
+
+    def rows_equal() -> bool:
+        out = post.sample_outputs(x, 20)
+        return torch.allclose(out[:, 0], out[:, 1])
+
+    seen = []
+    with joint_draws(post):
+        assert rows_equal() and post.prediction_noise.value == "local"
+        worker = threading.Thread(target=lambda: seen.append(rows_equal()))
+        worker.start()
+        worker.join()
+    assert seen == [False]  # the other thread drew locally
+    assert not rows_equal()  # and so does this one after the block

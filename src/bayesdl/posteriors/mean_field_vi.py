@@ -68,7 +68,13 @@ from bayesdl._options import resolve
 from bayesdl._random import MIN_PARALLEL, randn
 from bayesdl.likelihoods import Likelihood
 from bayesdl.posteriors.base import PREDICTION_SHARE, Posterior, prediction_rows, register
-from bayesdl.posteriors.stacked import LocalLinear, PredictionNoise, StackedCall, StackedModule
+from bayesdl.posteriors.stacked import (
+    LocalLinear,
+    PredictionNoise,
+    StackedCall,
+    StackedModule,
+    draws_locally,
+)
 from bayesdl.posteriors.vi_estimators import (
     LOCAL_LAYERS,
     Estimator,
@@ -563,7 +569,7 @@ class MeanFieldVI(Posterior):
     def _local_layers(self, x: Tensor) -> tuple[tuple[str, str | None], ...]:
         """``(weight, bias)`` names of the Bayesian linear layers that take the model's input
         ``x`` and nothing else, each parameter used once (probed once per input shape)."""
-        if self.prediction_noise is not PredictionNoise.LOCAL or x.shape[0] == 0:
+        if not draws_locally(self) or x.shape[0] == 0:
             return ()
         key = tuple(x.shape[1:])
         if key not in self._local_plans:

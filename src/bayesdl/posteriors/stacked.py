@@ -41,6 +41,7 @@ variances) plus per-row noise, instead of one product per draw.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
@@ -58,6 +59,7 @@ __all__ = [
     "PredictionNoise",
     "StackedCall",
     "StackedModule",
+    "draws_locally",
     "joint_draws",
     "meta_copy",
 ]
@@ -78,23 +80,32 @@ class PredictionNoise(str, Enum):
     WEIGHTS = "weights"
 
 
+#: ``id`` of the posteriors that draw whole weight sets in the current context (joint_draws).
+_JOINT: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "bayesdl_joint_draws", default=frozenset()
+)
+
+
 @contextlib.contextmanager
 def joint_draws(posterior) -> Iterator[None]:
     """Within the block, ``posterior`` (or the posterior a wrapper such as a calibrated one
     holds) draws whole weight sets if it has a :class:`PredictionNoise`, so that the rows of
     one call share each draw (Thompson sampling over rows that are actions, joint predictive
-    draws); other methods are left as they are."""
+    draws); other methods are left as they are. The posterior is not modified: the choice
+    holds in this thread (context) only."""
     while not hasattr(posterior, "prediction_noise") and hasattr(posterior, "posterior"):
         posterior = posterior.posterior
-    kept = getattr(posterior, "prediction_noise", None)
-    if kept is None:
-        yield
-        return
-    posterior.prediction_noise = PredictionNoise.WEIGHTS
+    token = _JOINT.set(_JOINT.get() | {id(posterior)})
     try:
         yield
     finally:
-        posterior.prediction_noise = kept
+        _JOINT.reset(token)
+
+
+def draws_locally(posterior) -> bool:
+    """Whether ``posterior`` draws its first layers locally now: its ``prediction_noise`` is
+    ``"local"`` and no :func:`joint_draws` block asks for whole draws."""
+    return posterior.prediction_noise is PredictionNoise.LOCAL and id(posterior) not in _JOINT.get()
 
 
 def meta_copy(module: nn.Module) -> nn.Module:

@@ -58,7 +58,7 @@ from bayesdl.data import as_inputs
 from bayesdl.likelihoods import Likelihood
 from bayesdl.posteriors.base import PREDICTION_SHARE, register
 from bayesdl.posteriors.deep_ensemble import StackedMembers, _EnsembleObjective
-from bayesdl.posteriors.stacked import LocalLinear, PredictionNoise
+from bayesdl.posteriors.stacked import LocalLinear, PredictionNoise, draws_locally
 
 __all__ = ["SWAG", "SWAGMoments", "SWASchedule"]
 
@@ -461,11 +461,7 @@ class SWAG(StackedMembers):
     def _local_layers(self, x: Tensor) -> tuple[tuple[str, str | None], ...]:
         """``(weight, bias)`` names of the linear layers that take the model's input alone (see
         :class:`~bayesdl.posteriors.stacked.PredictionNoise`; probed once per input shape)."""
-        if (
-            self.prediction_noise is not PredictionNoise.LOCAL
-            or self.has_batchnorm
-            or x.shape[0] == 0
-        ):
+        if not draws_locally(self) or self.has_batchnorm or x.shape[0] == 0:
             return ()
         key = tuple(x.shape[1:])
         if key not in self._local_plans:
