@@ -680,3 +680,21 @@ def test_joint_draws_hold_in_their_block_and_thread_only():
         worker.join()
     assert seen == [False]  # the other thread drew locally
     assert not rows_equal()  # and so does this one after the block
+
+
+def test_calls_with_too_many_rows_for_the_noise_budget_draw_whole_weights(monkeypatch):
+    """Per-row noise grows with the rows: above ``LOCAL_NOISE_BUDGET`` normals per draw a call
+    draws whole weight sets (rows share them) instead; MultiSWAG counts its members."""
+    from bayesdl.posteriors import stacked
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    post = _spread_vi(net)
+    monkeypatch.setattr(stacked, "LOCAL_NOISE_BUDGET", 4 * 10)  # 10 rows of 4 units
+    assert post._local_layers(torch.zeros(10, 3, dtype=f64))
+    x = torch.randn(1, 3, dtype=f64).expand(11, 3)
+    assert post._local_layers(x) == ()
+    out = post.sample_outputs(x, 5)
+    torch.testing.assert_close(out[:, 0], out[:, 10])  # whole draws: equal rows, equal outputs
+    swag = bdl.SWAG(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), n_members=2)
+    assert swag._local_layers(torch.zeros(5, 3)) and swag._local_layers(torch.zeros(6, 3)) == ()

@@ -74,6 +74,7 @@ from bayesdl.posteriors.stacked import (
     StackedCall,
     StackedModule,
     draws_locally,
+    local_noise_fits,
 )
 from bayesdl.posteriors.vi_estimators import (
     LOCAL_LAYERS,
@@ -577,7 +578,10 @@ class MeanFieldVI(Posterior):
             self._local_plans[key] = tuple(
                 (w, b) for w, b in self._stack.shared_input_linears(x) if w in bayesian
             )
-        return self._local_plans[key]
+        plan = self._local_plans[key]
+        params = dict(self.network.named_parameters())
+        units = sum(params[w].shape[0] for w, _ in plan) * math.prod(x.shape[1:-1])
+        return plan if local_noise_fits(prediction_rows(x.shape[0]), units) else ()
 
     def _sample_local(
         self,

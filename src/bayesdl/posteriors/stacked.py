@@ -61,6 +61,7 @@ __all__ = [
     "StackedModule",
     "draws_locally",
     "joint_draws",
+    "local_noise_fits",
     "meta_copy",
 ]
 
@@ -100,6 +101,19 @@ def joint_draws(posterior) -> Iterator[None]:
         yield
     finally:
         _JOINT.reset(token)
+
+
+#: Most per-row normals one draw of the local layers may take, over all members drawn at once
+#: (2^25, 128 MB of float32): a call with more rows draws whole weight sets, whose memory does
+#: not grow with the rows (784-400 first layer: up to 83,886 rows per call for one member).
+LOCAL_NOISE_BUDGET = 2**25
+
+
+def local_noise_fits(rows: int, units: int, members: int = 1) -> bool:
+    """Whether ``members`` draws of ``units`` normals per row for ``rows`` rows (all the rows
+    of the prediction, so that every process of a distributed one decides alike) fit
+    :data:`LOCAL_NOISE_BUDGET`."""
+    return members * rows * units <= LOCAL_NOISE_BUDGET
 
 
 def draws_locally(posterior) -> bool:

@@ -56,9 +56,14 @@ from bayesdl._options import is_positive, resolve
 from bayesdl._random import randn
 from bayesdl.data import as_inputs
 from bayesdl.likelihoods import Likelihood
-from bayesdl.posteriors.base import PREDICTION_SHARE, register
+from bayesdl.posteriors.base import PREDICTION_SHARE, prediction_rows, register
 from bayesdl.posteriors.deep_ensemble import StackedMembers, _EnsembleObjective
-from bayesdl.posteriors.stacked import LocalLinear, PredictionNoise, draws_locally
+from bayesdl.posteriors.stacked import (
+    LocalLinear,
+    PredictionNoise,
+    draws_locally,
+    local_noise_fits,
+)
 
 __all__ = ["SWAG", "SWAGMoments", "SWASchedule"]
 
@@ -466,7 +471,11 @@ class SWAG(StackedMembers):
         key = tuple(x.shape[1:])
         if key not in self._local_plans:
             self._local_plans[key] = self._stack.shared_input_linears(x)
-        return self._local_plans[key]
+        plan = self._local_plans[key]
+        where = {name: shape for name, _, _, shape in self._layout}
+        units = sum(where[w][0] for w, _ in plan) * math.prod(x.shape[1:-1])
+        rows = prediction_rows(x.shape[0])
+        return plan if local_noise_fits(rows, units, self.n_members) else ()
 
     def _sample_local(
         self,
