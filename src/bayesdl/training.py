@@ -299,6 +299,9 @@ class Objective(Protocol):
       process of a distributed fit (a sampler keeps its samples and sets the next step size).
     * ``before_step()``: in a distributed fit, called before every step on every process under
       the generator they share (noise all processes must agree on, such as a weight draw).
+    * ``restored(epoch)``: called when a divergence has put back the weights of the end of
+      ``epoch`` (0: the start), to put back state kept outside ``state()`` with them (a
+      sampler's ring of samples, which it snapshots in ``end_epoch``).
     * ``checkpoint_state() -> (json_part, tensors)`` and ``load_checkpoint_state(json_part,
       tensors)``, for checkpoints (:mod:`bayesdl.checkpoint`): state that changes during the
       fit but is not in ``state()`` (SWAG's moments; VI's noise pool and epoch counter). The
@@ -772,6 +775,9 @@ def fit(
 
     def diverged(epoch: int, restore: list[Tensor], good_epoch: int) -> TrainingDivergedError:
         _copy_into(state, restore)
+        restored = getattr(objective, "restored", None)
+        if restored is not None:  # state outside state() that must go back with the weights
+            restored(good_epoch)
         if run.final is not None and val is None:  # members whose count had ended keep its weights
             _copy_into(state, run.final, limits <= good_epoch)
         if bar is not None:

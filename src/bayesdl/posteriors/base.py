@@ -62,17 +62,26 @@ def refuse_options(method: str, options: dict, fixed: dict[str, tuple], why: str
             raise ValueError(f"{method} sets {name} itself ({why}); drop {name}={options[name]!r}.")
 
 
+def prediction_offset(rows: int) -> tuple[int, int]:
+    """``(first, total)``: where this call's ``rows`` rows start among all the rows of the
+    prediction, and how many those are (``(0, rows)`` unless a distributed prediction runs, see
+    :data:`PREDICTION_SHARE`). Noise drawn per row for ``total`` rows and narrowed to
+    ``[first, first + rows)`` is what a single process draws for these rows."""
+    share = PREDICTION_SHARE.get()
+    if share is None:
+        return 0, rows
+    lo, hi, total = share
+    if hi - lo != rows:
+        raise RuntimeError(f"drawing for {rows} rows, but this process's share is {hi - lo}")
+    return lo, total
+
+
 def shared_rows(draw, rows: int, *, axis: int = 0) -> Tensor:
     """``draw(n)`` of noise with ``n`` rows along ``axis``: for ``rows`` rows alone, or, during a
     distributed prediction (:data:`PREDICTION_SHARE`), the process's slice of a draw for all
     the rows, so each row gets the noise it gets in a single process."""
-    share = PREDICTION_SHARE.get()
-    if share is None:
-        return draw(rows)
-    lo, hi, total = share
-    if hi - lo != rows:
-        raise RuntimeError(f"drawing for {rows} rows, but this process's share is {hi - lo}")
-    return draw(total).narrow(axis, lo, rows)
+    lo, total = prediction_offset(rows)
+    return draw(rows) if total == rows else draw(total).narrow(axis, lo, rows)
 
 
 class Network(nn.Module):

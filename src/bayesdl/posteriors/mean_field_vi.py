@@ -67,14 +67,13 @@ from torch import Tensor, nn
 from bayesdl._options import resolve
 from bayesdl._random import MIN_PARALLEL, randn
 from bayesdl.likelihoods import Likelihood
-from bayesdl.posteriors.base import PREDICTION_SHARE, Posterior, prediction_rows, register
+from bayesdl.posteriors.base import Posterior, prediction_offset, prediction_rows, register
 from bayesdl.posteriors.stacked import (
     LocalLinear,
     PredictionNoise,
     StackedCall,
     StackedModule,
-    draws_locally,
-    local_noise_fits,
+    local_plan,
 )
 from bayesdl.posteriors.vi_estimators import (
     LOCAL_LAYERS,
@@ -224,7 +223,6 @@ class MeanFieldVI(Posterior):
         self.training_noise = resolve(TrainingNoise, training_noise, "training_noise")
         self.chunk_size = chunk_size
         self.prediction_noise = resolve(PredictionNoise, prediction_noise, "prediction_noise")
-        self._local_plans: dict[tuple[int, ...], tuple[tuple[str, str | None], ...]] = {}
         self._epoch = 1
         self._noise: Tensor | None = None
         self._noise_next = 0
@@ -551,12 +549,7 @@ class MeanFieldVI(Posterior):
                 return self._sample_local(x, n_samples, generator, local)
             sigma = self.sigma.detach()
             mu = self.mu.detach()
-            # Draw the noise of several weight sets at once (large draws are filled in parallel,
-            # see bayesdl._random); the stacked call then runs them in cache-sized chunks of rows.
-            chunk = self.chunk_size or max(
-                _DEFAULT_CHUNK_ROWS // prediction_rows(x.shape[0]),
-                -(-MIN_PARALLEL // mu.numel()),
-            )
+            chunk = self._draws_per_chunk(prediction_rows(x.shape[0]), mu.numel())
             outs = []
             for start in range(0, n_samples, chunk):
                 s = min(chunk, n_samples - start)
@@ -567,21 +560,17 @@ class MeanFieldVI(Posterior):
             self.network.train(was_training)
         return torch.cat(outs)
 
+    def _draws_per_chunk(self, rows: int, per_draw: int) -> int:
+        """Draws whose noise (``per_draw`` numbers each) is drawn at once: ``chunk_size``, or
+        enough for a parallel draw (see bayesdl._random), at least about 2^11 rows' worth; the
+        stacked call then runs them in cache-sized chunks of rows. ``rows``: all the rows of
+        the prediction, so every process of a distributed one chunks alike."""
+        return self.chunk_size or max(_DEFAULT_CHUNK_ROWS // rows, -(-MIN_PARALLEL // per_draw))
+
     def _local_layers(self, x: Tensor) -> tuple[tuple[str, str | None], ...]:
-        """``(weight, bias)`` names of the Bayesian linear layers that take the model's input
-        ``x`` and nothing else, each parameter used once (probed once per input shape)."""
-        if not draws_locally(self) or x.shape[0] == 0:
-            return ()
-        key = tuple(x.shape[1:])
-        if key not in self._local_plans:
-            bayesian = set(self.bayesian_names)
-            self._local_plans[key] = tuple(
-                (w, b) for w, b in self._stack.shared_input_linears(x) if w in bayesian
-            )
-        plan = self._local_plans[key]
-        params = dict(self.network.named_parameters())
-        units = sum(params[w].shape[0] for w, _ in plan) * math.prod(x.shape[1:-1])
-        return plan if local_noise_fits(prediction_rows(x.shape[0]), units) else ()
+        """``(weight, bias)`` names of the Bayesian linear layers computed locally at ``x``
+        (:func:`~bayesdl.posteriors.stacked.local_plan`)."""
+        return local_plan(self, self._stack, x, keep=set(self.bayesian_names))
 
     def _sample_local(
         self,
@@ -601,10 +590,9 @@ class MeanFieldVI(Posterior):
         n_rest = 0 if mu_rest is None else mu_rest.numel()
         # Per row of the input: the units of every local layer, times any middle dimensions.
         units = [params[w].shape[0] * math.prod(x.shape[1:-1]) for w, _ in local]
-        share = PREDICTION_SHARE.get()
-        lo, total = (0, x.shape[0]) if share is None else (share[0], share[2])
+        lo, total = prediction_offset(x.shape[0])
         per_draw = n_rest + total * sum(units)
-        chunk = self.chunk_size or max(_DEFAULT_CHUNK_ROWS // total, -(-MIN_PARALLEL // per_draw))
+        chunk = self._draws_per_chunk(total, per_draw)
         noise: list[Tensor] = []  # this chunk's row noise of each local layer
         layers = {
             w: self._local_layer(params, mu_views, sigma_views, w, b, noise, i)

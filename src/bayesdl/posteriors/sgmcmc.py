@@ -136,10 +136,11 @@ class _ChainObjective(NetworkObjective):
         #: (a sample is kept every few steps: a diverging epoch may have kept bad ones).
         self.kept: dict[int, tuple[list[Tensor], int]] = {0: self._ring()}
 
+    def _ring_tensors(self) -> tuple[Tensor, ...]:
+        return (*self.post._params.values(), *self.post._buffers.values())
+
     def _ring(self) -> tuple[list[Tensor], int]:
-        post = self.post
-        tensors = [t.detach().clone() for t in (*post._params.values(), *post._buffers.values())]
-        return tensors, int(post._n)
+        return [t.detach().clone() for t in self._ring_tensors()], int(self.post._n)
 
     def end_epoch(self, epoch: int, optimizer) -> None:
         """After an epoch whose weights the loop found finite: its samples are good."""
@@ -147,18 +148,16 @@ class _ChainObjective(NetworkObjective):
         for old in [e for e in self.kept if e < epoch - 2]:
             del self.kept[old]
 
-    def restore(self, epoch: int) -> None:
-        """Put back the samples kept up to the end of ``epoch``, where there are any."""
+    def restored(self, epoch: int) -> None:
+        """The loop put back the weights of the end of ``epoch``: put back the samples kept up
+        to then, where there are any (a resumed fit has none before its first epoch)."""
         if epoch not in self.kept:
             return
         tensors, n = self.kept[epoch]
-        post = self.post
         with torch.no_grad():
-            for t, saved in zip(
-                (*post._params.values(), *post._buffers.values()), tensors, strict=True
-            ):
+            for t, saved in zip(self._ring_tensors(), tensors, strict=True):
                 t.copy_(saved)
-        post._n.fill_(n)
+        self.post._n.fill_(n)
 
     def loss(self, x: Tensor, y: Tensor, n_data: int) -> Tensor:
         if self.optimizer is not None:
@@ -296,7 +295,6 @@ class SGMCMC(StackedMembers):
         )
         self._n = torch.zeros((), dtype=torch.long, device=self.device)
         self._next = None
-        self._chain: _ChainObjective | None = None  # while fit runs
 
     def options(self) -> dict:
         return {
@@ -390,16 +388,11 @@ class SGMCMC(StackedMembers):
         self._n.zero_()
         try:
             return super().fit(data, val_data=val_data, **training_options)
-        except training.TrainingDivergedError as err:  # the samples of the restored epoch
-            if self._chain is not None:
-                self._chain.restore(err.last_good_epoch)
-            raise
         finally:
-            self._next, self._chain = None, None
+            self._next = None
 
     def _objective(self) -> _ChainObjective:
-        self._chain = _ChainObjective(self, self._next)
-        return self._chain
+        return _ChainObjective(self, self._next)
 
     def _member_shard(self, group):
         return Posterior._member_shard(self, group)  # one chain: nothing to spread

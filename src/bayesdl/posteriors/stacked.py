@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import math
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 
@@ -52,6 +53,7 @@ from torch import Tensor, nn
 from torch.func import stack_module_state, vmap
 from torch.overrides import TorchFunctionMode
 
+from bayesdl.posteriors.base import prediction_rows
 from bayesdl.posteriors.mc_dropout import keep_probability, lane_threshold, random_lanes
 
 __all__ = [
@@ -59,9 +61,8 @@ __all__ = [
     "PredictionNoise",
     "StackedCall",
     "StackedModule",
-    "draws_locally",
     "joint_draws",
-    "local_noise_fits",
+    "local_plan",
     "meta_copy",
 ]
 
@@ -109,17 +110,22 @@ def joint_draws(posterior) -> Iterator[None]:
 LOCAL_NOISE_BUDGET = 2**25
 
 
-def local_noise_fits(rows: int, units: int, members: int = 1) -> bool:
-    """Whether ``members`` draws of ``units`` normals per row for ``rows`` rows (all the rows
-    of the prediction, so that every process of a distributed one decides alike) fit
-    :data:`LOCAL_NOISE_BUDGET`."""
-    return members * rows * units <= LOCAL_NOISE_BUDGET
-
-
-def draws_locally(posterior) -> bool:
-    """Whether ``posterior`` draws its first layers locally now: its ``prediction_noise`` is
-    ``"local"`` and no :func:`joint_draws` block asks for whole draws."""
-    return posterior.prediction_noise is PredictionNoise.LOCAL and id(posterior) not in _JOINT.get()
+def local_plan(
+    posterior, stack: StackedModule, x: Tensor, *, members: int = 1, keep=None
+) -> tuple[tuple[str, str | None], ...]:
+    """``(weight, bias)`` slot names of the linear layers ``posterior`` computes locally at
+    ``x``: those that take the model's input alone (:meth:`StackedModule.shared_input_linears`,
+    whose weight is in ``keep`` when given), or none when its ``prediction_noise`` is
+    ``"weights"``, a :func:`joint_draws` block asks for whole draws, or ``members`` draws of
+    their per-row noise for all the rows of the prediction (so that every process of a
+    distributed one decides alike) would pass :data:`LOCAL_NOISE_BUDGET`."""
+    if posterior.prediction_noise is not PredictionNoise.LOCAL or x.shape[0] == 0:
+        return ()
+    if id(posterior) in _JOINT.get():
+        return ()
+    plan = tuple(p for p in stack.shared_input_linears(x) if keep is None or p[0] in keep)
+    units = sum(stack.params[w].shape[1] for w, _ in plan) * math.prod(x.shape[1:-1])
+    return plan if members * prediction_rows(x.shape[0]) * units <= LOCAL_NOISE_BUDGET else ()
 
 
 def meta_copy(module: nn.Module) -> nn.Module:
@@ -395,6 +401,7 @@ class StackedModule:
         self.fast_path = True  # until the module calls something the fast path cannot serve
         self._randomness = "error"
         self._vmapped: dict[tuple, Callable] = {}
+        self._shared_inputs: dict[tuple[int, ...], tuple[tuple[str, str | None], ...]] = {}
         # A network ``likelihood(model(x))`` whose likelihood has tensors of its own (the
         # homoscedastic Gaussian's noise): the fast path runs the model, then the likelihood's
         # link for all members (its ``stacked_forward``, or its forward under vmap), since the
@@ -482,9 +489,15 @@ class StackedModule:
         input shared by every member when the module runs on ``x`` ``(B, ...)``, among those
         whose weight and bias are used by no other call. One member is run on the first row to
         see (the stored tensors' first member; with the module in eval mode no random numbers
-        are drawn). Empty when the module has no fast path."""
+        are drawn; once per input shape). Empty when the module has no fast path."""
         if not self.fast_path:
             return ()
+        key = tuple(x.shape[1:])
+        if key not in self._shared_inputs:
+            self._shared_inputs[key] = self._probe_shared_inputs(x)
+        return self._shared_inputs[key]
+
+    def _probe_shared_inputs(self, x: Tensor) -> tuple[tuple[str, str | None], ...]:
         first = tuple(t[:1] for t in self.tensors())
         row = _shared(x[:1], 1)
         calls: list[tuple[int, int | None, bool]] = []

@@ -56,13 +56,12 @@ from bayesdl._options import is_positive, resolve
 from bayesdl._random import randn
 from bayesdl.data import as_inputs
 from bayesdl.likelihoods import Likelihood
-from bayesdl.posteriors.base import PREDICTION_SHARE, prediction_rows, register
+from bayesdl.posteriors.base import prediction_offset, register
 from bayesdl.posteriors.deep_ensemble import StackedMembers, _EnsembleObjective
 from bayesdl.posteriors.stacked import (
     LocalLinear,
     PredictionNoise,
-    draws_locally,
-    local_noise_fits,
+    local_plan,
 )
 
 __all__ = ["SWAG", "SWAGMoments", "SWASchedule"]
@@ -273,7 +272,6 @@ class SWAG(StackedMembers):
             for key in ("running_mean", "running_var", "num_batches_tracked")
         }
         self._bn_inputs: Tensor | DataLoader | None = None
-        self._local_plans: dict[tuple[int, ...], tuple[tuple[str, str | None], ...]] = {}
         self._next_run: tuple[_Plan, object] | None = None
 
     def options(self) -> dict:
@@ -439,14 +437,21 @@ class SWAG(StackedMembers):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
         return out.reshape(n_samples, *out.shape[2:])
 
+    def _draw_factors(self) -> tuple[SWAGMoments, Tensor, Tensor | None]:
+        """The moments, and the factors of a draw ``mean + std * z1 + z2 @ dev``: ``std``
+        ``(M, P)`` and ``dev`` ``(M, K, P)`` (``None`` for ``K = 1``), scaled by ``scale``."""
+        moments = self.moments
+        k = moments.deviations.shape[1]
+        std = moments.variance.sqrt_().mul_(math.sqrt(self.scale / 2))
+        dev = moments.deviations.mul_(math.sqrt(self.scale / (2 * (k - 1)))) if k > 1 else None
+        return moments, std, dev
+
     def _parameter_draws(
         self, per_member: int, generator: torch.Generator | None
     ) -> Iterator[tuple[Tensor, ...]]:
         """Weight draws in chunks: per parameter, ``(M * c, ...)``, member-major."""
-        moments = self.moments
+        moments, std, dev = self._draw_factors()
         m, k, p = moments.deviations.shape
-        std = moments.variance.sqrt_().mul_(math.sqrt(self.scale / 2))
-        dev = moments.deviations.mul_(math.sqrt(self.scale / (2 * (k - 1)))) if k > 1 else None
         chunk = max(1, _DRAW_BUDGET // (m * p))
         like = {"dtype": self.dtype, "device": self.device, "generator": generator}
         for first in range(0, per_member, chunk):
@@ -464,18 +469,12 @@ class SWAG(StackedMembers):
             yield tuple(params)
 
     def _local_layers(self, x: Tensor) -> tuple[tuple[str, str | None], ...]:
-        """``(weight, bias)`` names of the linear layers that take the model's input alone (see
-        :class:`~bayesdl.posteriors.stacked.PredictionNoise`; probed once per input shape)."""
-        if not draws_locally(self) or self.has_batchnorm or x.shape[0] == 0:
+        """``(weight, bias)`` names of the linear layers computed locally at ``x``
+        (:func:`~bayesdl.posteriors.stacked.local_plan`; none with BatchNorm, whose statistics
+        are recomputed per whole draw)."""
+        if self.has_batchnorm:
             return ()
-        key = tuple(x.shape[1:])
-        if key not in self._local_plans:
-            self._local_plans[key] = self._stack.shared_input_linears(x)
-        plan = self._local_plans[key]
-        where = {name: shape for name, _, _, shape in self._layout}
-        units = sum(where[w][0] for w, _ in plan) * math.prod(x.shape[1:-1])
-        rows = prediction_rows(x.shape[0])
-        return plan if local_noise_fits(rows, units, self.n_members) else ()
+        return local_plan(self, self._stack, x, members=self.n_members)
 
     def _sample_local(
         self,
@@ -490,10 +489,8 @@ class SWAG(StackedMembers):
         ``z2`` are ``x mean_j^T + sum_k z2_k (x D_jk^T) + N(0, x^2 (std_j^2)^T)`` per row: the
         products with the mean, each deviation and the variance are taken once for all
         draws; per draw only ``K`` coefficients and ``rows x out`` normals are new."""
-        moments = self.moments
+        moments, std, dev = self._draw_factors()
         m, k, _ = moments.deviations.shape
-        std = moments.variance.sqrt_().mul_(math.sqrt(self.scale / 2))
-        dev = moments.deviations.mul_(math.sqrt(self.scale / (2 * (k - 1)))) if k > 1 else None
         where = {name: (lo, hi, shape) for name, lo, hi, shape in self._layout}
         served = {n for pair in local for n in pair if n is not None}
         rest = [(name, lo, hi, shape) for name, lo, hi, shape in self._layout if name not in served]
@@ -504,10 +501,9 @@ class SWAG(StackedMembers):
         mean_rest, std_rest = moments.mean[:, index], std[:, index]
         dev_rest = None if dev is None else dev[..., index]
         n_rest = index.numel()
-        flat = x.reshape(-1, x.shape[-1])  # the layer's rows: x's leading dimensions
-        units = [flat.shape[0] // x.shape[0] * where[w][2][0] for w, _ in local]
-        share = PREDICTION_SHARE.get()
-        lo_row, total = (0, x.shape[0]) if share is None else (share[0], share[2])
+        # Per row of the input: the units of every local layer, times any middle dimensions.
+        units = [where[w][2][0] * math.prod(x.shape[1:-1]) for w, _ in local]
+        lo_row, total = prediction_offset(x.shape[0])
         per_draw = n_rest + total * sum(units)
         chunk = max(1, _DRAW_BUDGET // (m * per_draw))
         state: dict = {}
